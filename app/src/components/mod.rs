@@ -1,0 +1,5 @@
+//! Reusable pieces of the page chrome.
+
+mod navbar;
+
+pub use navbar::Navbar;

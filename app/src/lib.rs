@@ -1,0 +1,64 @@
+//! The livecredits user interface, rendered on the server and hydrated in the browser, and
+//! the wire types every part of the system speaks.
+//!
+//! `shell` is the HTML document the server renders around `App`; `frontend` hydrates `App`.
+
+pub mod components;
+pub mod pages;
+pub mod wire;
+
+use leptos::prelude::*;
+use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
+use leptos_router::{
+    StaticSegment,
+    components::{Route, Router, Routes},
+};
+
+use components::Navbar;
+use pages::{DebugPage, HomePage, LoginPage, NotFound};
+
+/// The whole HTML document, rendered by the server for every page request.
+pub fn shell(options: LeptosOptions) -> impl IntoView {
+    view! {
+        <!DOCTYPE html>
+        <html lang="en">
+            <head>
+                <meta charset="utf-8" />
+                <meta name="viewport" content="width=device-width, initial-scale=1" />
+                <AutoReload options=options.clone() />
+                <HydrationScripts options />
+                <MetaTags />
+            </head>
+            <body>
+                <App />
+            </body>
+        </html>
+    }
+}
+
+/// The application root: navigation bar and routed pages.
+#[component]
+pub fn App() -> impl IntoView {
+    provide_meta_context();
+    // Effects run only in the browser, so this flips once the page has hydrated; tests and
+    // styles use it to tell a live page from server-rendered HTML.
+    let hydrated = RwSignal::new(false);
+    Effect::new(move |_| hydrated.set(true));
+
+    view! {
+        <Stylesheet id="leptos" href="/pkg/livecredits.css" />
+        <Title text="livecredits" />
+        <Router>
+            <div class="app" data-hydrated=move || hydrated.get().to_string()>
+                <Navbar />
+                <main class="page">
+                    <Routes fallback=NotFound>
+                        <Route path=StaticSegment("") view=HomePage />
+                        <Route path=StaticSegment("login") view=LoginPage />
+                        <Route path=StaticSegment("debug") view=DebugPage />
+                    </Routes>
+                </main>
+            </div>
+        </Router>
+    }
+}

@@ -1,0 +1,463 @@
+//! The JSON types of the livecredits API (SPEC §4), defined once and shared by the server,
+//! the browser, the CLI and the tests. Field names and tags here *are* the wire format.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A JSON object, as carried by a change's `metadata`.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
+/// The largest magnitude of a balance or amount: 2^53 − 1, so JavaScript reads it exactly.
+pub const MAX_CREDITS: i64 = 9_007_199_254_740_991;
+
+/// A user's balance at one version. A user who never had a change has version 0 and no
+/// `updated_at`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceSnapshot {
+    pub user_id: String,
+    pub balance: i64,
+    pub version: i64,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// The `type` tag of a [`BalanceEvent`]; it only ever reads `"balance"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceTag {
+    #[default]
+    Balance,
+}
+
+/// A balance as pushed to clients: a snapshot (`change: None`) or the result of one change.
+/// Balances are absolute, so a client that missed an event is healed by the next one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceEvent {
+    #[serde(rename = "type")]
+    pub tag: BalanceTag,
+    pub user_id: String,
+    pub balance: i64,
+    pub version: i64,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub change: Option<Change>,
+}
+
+impl BalanceEvent {
+    /// The event that carries a snapshot and no change.
+    pub fn snapshot(snapshot: BalanceSnapshot) -> Self {
+        Self {
+            tag: BalanceTag::Balance,
+            user_id: snapshot.user_id,
+            balance: snapshot.balance,
+            version: snapshot.version,
+            updated_at: snapshot.updated_at,
+            change: None,
+        }
+    }
+}
+
+/// The change that produced a [`BalanceEvent`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub id: String,
+    pub amount: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub metadata: Metadata,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The answer to a poll: the snapshot and the interval the server suggests before the next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollResponse {
+    #[serde(flatten)]
+    pub snapshot: BalanceSnapshot,
+    pub poll_interval_ms: u32,
+}
+
+/// One row of a user's ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub id: String,
+    pub amount: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub metadata: Metadata,
+    pub balance_after: i64,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A page of the ledger, newest first; pass `next_before` as `before` for the next page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionPage {
+    pub items: Vec<Transaction>,
+    pub next_before: Option<i64>,
+}
+
+/// The body of `POST /api/credits/changes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRequest {
+    pub user_id: String,
+    pub amount: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// The body of `POST /api/dev/credits`: a change to the caller's own balance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevCreditRequest {
+    pub amount: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+/// The body of `POST /api/dev/login`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevLoginRequest {
+    pub user_id: String,
+}
+
+/// The answer to `POST /api/dev/login`; the same token is also set as the session cookie.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevLoginResponse {
+    pub token: String,
+    pub user_id: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Machine-readable error codes; each has exactly one HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadJson,
+    InvalidField,
+    OutOfRange,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    InsufficientCredits,
+    IdempotencyConflict,
+    PayloadTooLarge,
+    TooManyConnections,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that carries this code: the single status table of the API.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::BadJson => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::InsufficientCredits | Self::IdempotencyConflict => 409,
+            Self::PayloadTooLarge => 413,
+            Self::InvalidField | Self::OutOfRange => 422,
+            Self::TooManyConnections => 429,
+            Self::Internal => 500,
+            Self::Unavailable => 503,
+        }
+    }
+}
+
+/// Every error response under `/api/`: a stable code and a human-readable message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ErrorCode,
+    pub message: String,
+}
+
+/// The tags of the small WebSocket frames other than balance events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PongTag {
+    Pong,
+}
+
+/// See [`PongTag`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorTag {
+    Error,
+}
+
+/// A frame the server sends on `/ws`; every variant carries its own `type` field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WsServerMsg {
+    Balance(BalanceEvent),
+    Pong {
+        #[serde(rename = "type")]
+        tag: PongTag,
+    },
+    Error {
+        #[serde(rename = "type")]
+        tag: ErrorTag,
+        error: ErrorCode,
+        message: String,
+    },
+}
+
+/// A frame a client may send on `/ws`; fields beyond `type` are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WsClientMsg {
+    Ping,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+        value: T,
+        expected: serde_json::Value,
+    ) {
+        let encoded = serde_json::to_value(&value).expect("serialises");
+        assert_eq!(encoded, expected);
+        let decoded: T = serde_json::from_value(encoded).expect("deserialises");
+        assert_eq!(decoded, value);
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().expect("valid RFC 3339")
+    }
+
+    fn sample_change() -> Change {
+        let mut metadata = Metadata::new();
+        metadata.insert("order".into(), json!("A-17"));
+        Change {
+            id: "0190f5c2-7a00-7000-8000-000000000001".into(),
+            amount: -250,
+            kind: "spend".into(),
+            metadata,
+            created_at: at("2026-11-28T10:00:00Z"),
+        }
+    }
+
+    /// A never-seen user serialises with a null `updated_at`.
+    #[test]
+    fn snapshot_of_new_user() {
+        round_trip(
+            BalanceSnapshot {
+                user_id: "u1".into(),
+                balance: 0,
+                version: 0,
+                updated_at: None,
+            },
+            json!({"user_id": "u1", "balance": 0, "version": 0, "updated_at": null}),
+        );
+    }
+
+    /// A balance event carries `type: "balance"` and its change with `type` as the kind.
+    #[test]
+    fn balance_event_with_change() {
+        round_trip(
+            BalanceEvent {
+                tag: BalanceTag::Balance,
+                user_id: "u1".into(),
+                balance: 750,
+                version: 3,
+                updated_at: Some(at("2026-11-28T10:00:00Z")),
+                change: Some(sample_change()),
+            },
+            json!({
+                "type": "balance", "user_id": "u1", "balance": 750, "version": 3,
+                "updated_at": "2026-11-28T10:00:00Z",
+                "change": {
+                    "id": "0190f5c2-7a00-7000-8000-000000000001", "amount": -250,
+                    "type": "spend", "metadata": {"order": "A-17"},
+                    "created_at": "2026-11-28T10:00:00Z"
+                }
+            }),
+        );
+    }
+
+    /// Balances at the JavaScript safe-integer limit survive a round trip exactly.
+    #[test]
+    fn extreme_balance_is_exact() {
+        let snapshot = BalanceSnapshot {
+            user_id: "rich".into(),
+            balance: MAX_CREDITS,
+            version: 1,
+            updated_at: Some(at("2026-11-28T10:00:00Z")),
+        };
+        let event = BalanceEvent::snapshot(snapshot);
+        let text = serde_json::to_string(&event).expect("serialises");
+        assert!(text.contains("9007199254740991"));
+        assert_eq!(event.change, None);
+    }
+
+    /// The poll response is the snapshot's fields plus `poll_interval_ms`, flat.
+    #[test]
+    fn poll_response_is_flat() {
+        round_trip(
+            PollResponse {
+                snapshot: BalanceSnapshot {
+                    user_id: "u1".into(),
+                    balance: 5,
+                    version: 1,
+                    updated_at: Some(at("2026-11-28T10:00:00Z")),
+                },
+                poll_interval_ms: 5_000,
+            },
+            json!({
+                "user_id": "u1", "balance": 5, "version": 1,
+                "updated_at": "2026-11-28T10:00:00Z", "poll_interval_ms": 5000
+            }),
+        );
+    }
+
+    /// A ledger page lists rows and the cursor for the next page.
+    #[test]
+    fn transaction_page() {
+        round_trip(
+            TransactionPage {
+                items: vec![Transaction {
+                    id: "t1".into(),
+                    amount: 100,
+                    kind: "grant".into(),
+                    metadata: Metadata::new(),
+                    balance_after: 100,
+                    version: 1,
+                    created_at: at("2026-11-28T10:00:00Z"),
+                }],
+                next_before: None,
+            },
+            json!({
+                "items": [{
+                    "id": "t1", "amount": 100, "type": "grant", "metadata": {},
+                    "balance_after": 100, "version": 1, "created_at": "2026-11-28T10:00:00Z"
+                }],
+                "next_before": null
+            }),
+        );
+    }
+
+    /// Optional request fields are omitted when absent and unknown fields are refused.
+    #[test]
+    fn change_request() {
+        round_trip(
+            ChangeRequest {
+                user_id: "u1".into(),
+                amount: 10,
+                kind: "purchase".into(),
+                metadata: None,
+                idempotency_key: Some("k1".into()),
+            },
+            json!({"user_id": "u1", "amount": 10, "type": "purchase", "idempotency_key": "k1"}),
+        );
+        let unknown = json!({"user_id": "u1", "amount": 10, "type": "x", "balance": 5});
+        assert!(serde_json::from_value::<ChangeRequest>(unknown).is_err());
+    }
+
+    /// Dev sign-in request and response keep their field names.
+    #[test]
+    fn dev_login() {
+        round_trip(
+            DevLoginRequest {
+                user_id: "alice".into(),
+            },
+            json!({"user_id": "alice"}),
+        );
+        round_trip(
+            DevLoginResponse {
+                token: "t".into(),
+                user_id: "alice".into(),
+                expires_at: at("2026-11-29T10:00:00Z"),
+            },
+            json!({"token": "t", "user_id": "alice", "expires_at": "2026-11-29T10:00:00Z"}),
+        );
+        round_trip(
+            DevCreditRequest {
+                amount: -5,
+                kind: "spend".into(),
+                metadata: None,
+            },
+            json!({"amount": -5, "type": "spend"}),
+        );
+    }
+
+    /// Error codes are snake_case and each maps to the status of SPEC §4.
+    #[test]
+    fn api_error_codes() {
+        round_trip(
+            ApiError {
+                error: ErrorCode::InsufficientCredits,
+                message: "balance 5 is less than 10".into(),
+            },
+            json!({"error": "insufficient_credits", "message": "balance 5 is less than 10"}),
+        );
+        let table = [
+            (ErrorCode::BadJson, "bad_json", 400),
+            (ErrorCode::InvalidField, "invalid_field", 422),
+            (ErrorCode::OutOfRange, "out_of_range", 422),
+            (ErrorCode::Unauthorized, "unauthorized", 401),
+            (ErrorCode::Forbidden, "forbidden", 403),
+            (ErrorCode::NotFound, "not_found", 404),
+            (ErrorCode::InsufficientCredits, "insufficient_credits", 409),
+            (ErrorCode::IdempotencyConflict, "idempotency_conflict", 409),
+            (ErrorCode::PayloadTooLarge, "payload_too_large", 413),
+            (ErrorCode::TooManyConnections, "too_many_connections", 429),
+            (ErrorCode::Unavailable, "unavailable", 503),
+            (ErrorCode::Internal, "internal", 500),
+        ];
+        for (code, name, status) in table {
+            assert_eq!(serde_json::to_value(code).expect("serialises"), json!(name));
+            assert_eq!(code.status(), status, "{name}");
+        }
+    }
+
+    /// Every WebSocket server frame is told apart by its `type` alone.
+    #[test]
+    fn ws_server_frames() {
+        round_trip(
+            WsServerMsg::Pong { tag: PongTag::Pong },
+            json!({"type": "pong"}),
+        );
+        round_trip(
+            WsServerMsg::Error {
+                tag: ErrorTag::Error,
+                error: ErrorCode::BadJson,
+                message: "expected {\"type\":\"ping\"}".into(),
+            },
+            json!({"type": "error", "error": "bad_json", "message": "expected {\"type\":\"ping\"}"}),
+        );
+        let event = BalanceEvent::snapshot(BalanceSnapshot {
+            user_id: "u1".into(),
+            balance: 1,
+            version: 1,
+            updated_at: None,
+        });
+        round_trip(
+            WsServerMsg::Balance(event),
+            json!({
+                "type": "balance", "user_id": "u1", "balance": 1, "version": 1,
+                "updated_at": null, "change": null
+            }),
+        );
+        let unknown = json!({"type": "nonsense"});
+        assert!(serde_json::from_value::<WsServerMsg>(unknown).is_err());
+    }
+
+    /// Clients may only send `ping`; anything else fails to parse.
+    #[test]
+    fn ws_client_frames() {
+        round_trip(WsClientMsg::Ping, json!({"type": "ping"}));
+        for bad in [json!({"type": "pong"}), json!({"kind": "ping"}), json!(1)] {
+            assert!(serde_json::from_value::<WsClientMsg>(bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,48 @@
+import { expect, test } from "@playwright/test";
+import { documentKept, expectHydrated, markDocument, navigate, phone } from "./hydration";
+
+test.use({ viewport: phone });
+
+test("the start page is server-rendered and hydrates", async ({ page }) => {
+  await page.goto("/");
+  await expect(page.getByRole("heading", { name: "Your credits, live" })).toBeVisible();
+  await expectHydrated(page);
+});
+
+test("navigation to /debug and /login happens in the client", async ({ page }) => {
+  await page.goto("/");
+  await expectHydrated(page);
+  await markDocument(page);
+
+  await navigate(page, "Debug");
+  await expect(page).toHaveURL(/\/debug$/);
+  await expect(page.getByRole("heading", { name: "Debug" })).toBeVisible();
+  expect(await documentKept(page)).toBe(true);
+
+  await navigate(page, "Sign in");
+  await expect(page).toHaveURL(/\/login$/);
+  await expect(page.getByRole("heading", { name: "Sign in" })).toBeVisible();
+  expect(await documentKept(page)).toBe(true);
+});
+
+test("control: with the wasm blocked the hydration check fails", async ({ page }) => {
+  await page.route("**/*.wasm", (route) => route.abort());
+  await page.goto("/");
+  await expect(page.getByRole("heading", { name: "Your credits, live" })).toBeVisible();
+  await expect(expectHydrated(page, 2_000)).rejects.toThrow();
+
+  // Without the client router a link is a full page load, so the marked document is gone.
+  await markDocument(page);
+  await page.locator("#nav-links a[href='/debug']").evaluate((a) => (a as HTMLElement).click());
+  await expect(page).toHaveURL(/\/debug$/);
+  await expect(page.getByRole("heading", { name: "Debug" })).toBeVisible();
+  expect(await documentKept(page)).toBe(false);
+});
+
+test("unknown pages answer 404 and unknown API paths answer ApiError JSON", async ({ request }) => {
+  const page = await request.get("/no-such-page");
+  expect(page.status()).toBe(404);
+  const api = await request.get("/api/no-such-endpoint");
+  expect(api.status()).toBe(404);
+  expect(await api.json()).toEqual({ error: "not_found", message: expect.any(String) });
+});

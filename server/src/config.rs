@@ -1,0 +1,347 @@
+//! Server configuration: the only place that reads the environment (SPEC §2).
+//!
+//! `Config::from_env` loads `.env`, reads every variable once and checks cross-field rules,
+//! so a bad setting stops start-up with one line naming the variable.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use leptos::config::LeptosOptions;
+
+/// Listen address when `LEPTOS_SITE_ADDR` is unset.
+pub const DEFAULT_SITE_ADDR: &str = "127.0.0.1:3000";
+/// The embedded database when `DATABASE_URL` is unset.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/livecredits.db";
+/// Prefix of the Redis pub/sub channel when `REDIS_CHANNEL_PREFIX` is unset.
+pub const DEFAULT_CHANNEL_PREFIX: &str = "livecredits";
+/// Name of the built site's files (`/pkg/livecredits.js`, …), as cargo-leptos names them.
+pub const OUTPUT_NAME: &str = "livecredits";
+/// Where cargo-leptos puts the built site, relative to the workspace root.
+pub const DEFAULT_SITE_ROOT: &str = "target/site";
+/// Folder for local state (the generated dev secret) when `LIVECREDITS_DATA_DIR` is unset.
+pub const DEFAULT_DATA_DIR: &str = "data";
+
+/// A setting that stops start-up; `Display` is the one line shown to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {reason}")]
+    Invalid { var: &'static str, reason: String },
+    #[error(
+        "JWT_SECRET: required (or SUPABASE_JWT_SECRET, SUPABASE_URL, or LIVECREDITS_DEV_LOGIN=1)"
+    )]
+    MissingSecret,
+    #[error("Leptos configuration: {0}")]
+    Leptos(String),
+}
+
+/// The database the ledger lives in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(String),
+    Postgres(String),
+}
+
+/// Everything the server needs to start, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where to listen (`LEPTOS_SITE_ADDR`).
+    pub site_addr: SocketAddr,
+    /// The ledger database (`DATABASE_URL`).
+    pub database_url: DatabaseUrl,
+    /// Redis for cross-instance delivery (`REDIS_URL`); `None` means one instance.
+    pub redis_url: Option<String>,
+    /// Redis password when the URL has none (`REDIS_PASSWORD`).
+    pub redis_password: Option<String>,
+    /// Prefix of the pub/sub channel (`REDIS_CHANNEL_PREFIX`).
+    pub channel_prefix: String,
+    /// HS256 secret for user tokens (`JWT_SECRET`, else `SUPABASE_JWT_SECRET`).
+    pub jwt_secret: Option<String>,
+    /// Required `aud` claim, when set (`JWT_AUDIENCE`).
+    pub jwt_audience: Option<String>,
+    /// Supabase project whose Auth verifies tokens (`SUPABASE_URL`).
+    pub supabase_url: Option<String>,
+    /// Supabase `apikey`, also accepted as a service credential (`SUPABASE_SERVICE_ROLE_KEY`).
+    pub supabase_service_role_key: Option<String>,
+    /// Dev sign-in and dev credit routes (`LIVECREDITS_DEV_LOGIN=1`).
+    pub dev_login: bool,
+    /// Extra origins allowed for CORS and WebSocket cookie auth (`CORS_ORIGINS`, comma-separated).
+    pub allowed_origins: Vec<String>,
+    /// Folder for local state such as the generated dev secret (`LIVECREDITS_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// Where the built site lives and how Leptos names its files.
+    pub leptos: LeptosOptions,
+}
+
+impl Config {
+    /// Reads `.env` (if present) and the process environment.
+    ///
+    /// # Errors
+    /// The first invalid or missing setting, naming its variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A missing .env is normal; a malformed one is a setting error like any other.
+        if let Err(err) = dotenvy::dotenv()
+            && !err.not_found()
+        {
+            return Err(ConfigError::Invalid {
+                var: ".env",
+                reason: err.to_string(),
+            });
+        }
+        // Our own variables first, so a bad LEPTOS_SITE_ADDR is reported in our words.
+        let mut config = Self::from_lookup(|name| std::env::var(name).ok())?;
+        let mut leptos = leptos::config::get_configuration(None)
+            .map_err(|err| ConfigError::Leptos(err.to_string()))?
+            .leptos_options;
+        leptos.site_addr = config.site_addr;
+        config.leptos = leptos;
+        Ok(config)
+    }
+
+    /// Builds a configuration from any source of variables; tests use a map. The Leptos
+    /// options are the defaults for the built site; `from_env` reads Leptos's own variables.
+    ///
+    /// # Errors
+    /// As [`Config::from_env`].
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+
+        let site_addr = parse_site_addr(var("LEPTOS_SITE_ADDR").as_deref())?;
+        let database_url =
+            parse_database_url(&var("DATABASE_URL").unwrap_or(DEFAULT_DATABASE_URL.into()))?;
+        let redis_url = var("REDIS_URL").map(parse_redis_url).transpose()?;
+        let supabase_url = var("SUPABASE_URL").map(parse_supabase_url).transpose()?;
+        let dev_login = parse_flag("LIVECREDITS_DEV_LOGIN", var("LIVECREDITS_DEV_LOGIN"))?;
+        let jwt_secret = var("JWT_SECRET").or_else(|| var("SUPABASE_JWT_SECRET"));
+        if jwt_secret.is_none() && supabase_url.is_none() && !dev_login {
+            return Err(ConfigError::MissingSecret);
+        }
+        let allowed_origins = var("CORS_ORIGINS")
+            .map(|list| parse_origins(&list))
+            .transpose()?
+            .unwrap_or_default();
+
+        Ok(Self {
+            site_addr,
+            database_url,
+            redis_url,
+            redis_password: var("REDIS_PASSWORD"),
+            channel_prefix: var("REDIS_CHANNEL_PREFIX").unwrap_or(DEFAULT_CHANNEL_PREFIX.into()),
+            jwt_secret,
+            jwt_audience: var("JWT_AUDIENCE"),
+            supabase_url,
+            supabase_service_role_key: var("SUPABASE_SERVICE_ROLE_KEY"),
+            dev_login,
+            allowed_origins,
+            data_dir: var("LIVECREDITS_DATA_DIR")
+                .unwrap_or(DEFAULT_DATA_DIR.into())
+                .into(),
+            leptos: LeptosOptions::builder()
+                .output_name(OUTPUT_NAME)
+                .site_root(DEFAULT_SITE_ROOT)
+                .site_addr(site_addr)
+                .build(),
+        })
+    }
+}
+
+fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        reason: reason.into(),
+    }
+}
+
+fn parse_site_addr(value: Option<&str>) -> Result<SocketAddr, ConfigError> {
+    let value = value.unwrap_or(DEFAULT_SITE_ADDR);
+    value.parse().map_err(|_| {
+        invalid(
+            "LEPTOS_SITE_ADDR",
+            format!("{value:?} is not an address like 127.0.0.1:3000"),
+        )
+    })
+}
+
+fn parse_database_url(value: &str) -> Result<DatabaseUrl, ConfigError> {
+    const VAR: &str = "DATABASE_URL";
+    let (scheme, rest) = value.split_once("://").ok_or_else(|| {
+        invalid(
+            VAR,
+            format!("{value:?} is not a URL (expected sqlite://… or postgres://…)"),
+        )
+    })?;
+    if rest.is_empty() {
+        return Err(invalid(VAR, format!("{value:?} names no database")));
+    }
+    match scheme {
+        "sqlite" => Ok(DatabaseUrl::Sqlite(value.into())),
+        "postgres" | "postgresql" => Ok(DatabaseUrl::Postgres(value.into())),
+        other => Err(invalid(
+            VAR,
+            format!("unsupported scheme {other:?} (expected sqlite or postgres)"),
+        )),
+    }
+}
+
+fn parse_redis_url(value: String) -> Result<String, ConfigError> {
+    match value.split_once("://") {
+        Some(("redis" | "rediss", rest)) if !rest.is_empty() => Ok(value),
+        _ => Err(invalid(
+            "REDIS_URL",
+            format!("{value:?} is not a redis:// or rediss:// URL"),
+        )),
+    }
+}
+
+fn parse_supabase_url(value: String) -> Result<String, ConfigError> {
+    match value.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() => {
+            Ok(value.trim_end_matches('/').to_owned())
+        }
+        _ => Err(invalid(
+            "SUPABASE_URL",
+            format!("{value:?} is not an http(s) URL"),
+        )),
+    }
+}
+
+fn parse_flag(var: &'static str, value: Option<String>) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("0" | "false" | "off" | "no") => Ok(false),
+        Some("1" | "true" | "on" | "yes") => Ok(true),
+        Some(other) => Err(invalid(
+            var,
+            format!("{other:?} is not a flag (use 1 or 0)"),
+        )),
+    }
+}
+
+fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|origin| !origin.is_empty())
+        .map(|origin| match origin.split_once("://") {
+            Some(("http" | "https", host)) if !host.is_empty() && !host.contains('/') => {
+                Ok(origin.to_owned())
+            }
+            _ => Err(invalid(
+                "CORS_ORIGINS",
+                format!("{origin:?} is not an origin like https://app.example.com"),
+            )),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    fn error_line(vars: &[(&str, &str)]) -> String {
+        load(vars)
+            .expect_err("configuration must be refused")
+            .to_string()
+    }
+
+    /// With only a secret, every other setting takes its documented default.
+    #[test]
+    fn defaults() {
+        let config = load(&[("JWT_SECRET", "s")]).expect("valid");
+        assert_eq!(config.site_addr.to_string(), DEFAULT_SITE_ADDR);
+        assert_eq!(config.leptos.site_addr, config.site_addr);
+        assert_eq!(
+            config.database_url,
+            DatabaseUrl::Sqlite(DEFAULT_DATABASE_URL.into())
+        );
+        assert_eq!(config.redis_url, None);
+        assert_eq!(config.channel_prefix, "livecredits");
+        assert!(!config.dev_login);
+        assert!(config.allowed_origins.is_empty());
+        assert_eq!(config.data_dir, PathBuf::from("data"));
+    }
+
+    /// Every variable of SPEC §2 is read.
+    #[test]
+    fn all_variables() {
+        let config = load(&[
+            ("LEPTOS_SITE_ADDR", "0.0.0.0:8080"),
+            ("DATABASE_URL", "postgres://root@127.0.0.1/test"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("REDIS_PASSWORD", "pw"),
+            ("REDIS_CHANNEL_PREFIX", "staging"),
+            ("SUPABASE_JWT_SECRET", "supa"),
+            ("JWT_AUDIENCE", "authenticated"),
+            ("SUPABASE_URL", "https://x.supabase.co/"),
+            ("SUPABASE_SERVICE_ROLE_KEY", "key"),
+            ("LIVECREDITS_DEV_LOGIN", "1"),
+            ("CORS_ORIGINS", "https://a.example, http://localhost:5173"),
+        ])
+        .expect("valid");
+        assert_eq!(config.site_addr.port(), 8080);
+        assert!(matches!(config.database_url, DatabaseUrl::Postgres(_)));
+        assert_eq!(config.redis_password.as_deref(), Some("pw"));
+        assert_eq!(config.channel_prefix, "staging");
+        assert_eq!(config.jwt_secret.as_deref(), Some("supa"));
+        assert_eq!(config.jwt_audience.as_deref(), Some("authenticated"));
+        assert_eq!(
+            config.supabase_url.as_deref(),
+            Some("https://x.supabase.co")
+        );
+        assert!(config.dev_login);
+        assert_eq!(
+            config.allowed_origins,
+            ["https://a.example", "http://localhost:5173"]
+        );
+    }
+
+    /// `JWT_SECRET` wins over `SUPABASE_JWT_SECRET`.
+    #[test]
+    fn jwt_secret_precedence() {
+        let config = load(&[("JWT_SECRET", "a"), ("SUPABASE_JWT_SECRET", "b")]).expect("valid");
+        assert_eq!(config.jwt_secret.as_deref(), Some("a"));
+    }
+
+    /// Without a secret, start-up needs dev mode or Supabase mode.
+    #[test]
+    fn secret_required_unless_dev_or_supabase() {
+        assert!(error_line(&[]).starts_with("JWT_SECRET:"));
+        assert!(load(&[("LIVECREDITS_DEV_LOGIN", "1")]).is_ok());
+        assert!(load(&[("SUPABASE_URL", "https://x.supabase.co")]).is_ok());
+    }
+
+    /// Each invalid value is refused with a line that starts with its variable's name.
+    #[test]
+    fn invalid_values_name_their_variable() {
+        let cases = [
+            ("DATABASE_URL", "nonsense://x"),
+            ("DATABASE_URL", "sqlite://"),
+            ("DATABASE_URL", "no-scheme"),
+            ("LEPTOS_SITE_ADDR", "abc"),
+            ("REDIS_URL", "http://x"),
+            ("SUPABASE_URL", "x.supabase.co"),
+            ("LIVECREDITS_DEV_LOGIN", "maybe"),
+            ("CORS_ORIGINS", "https://a.example/path"),
+        ];
+        for (var, value) in cases {
+            let line = error_line(&[("JWT_SECRET", "s"), (var, value)]);
+            assert!(
+                line.starts_with(&format!("{var}: ")),
+                "{var}={value}: {line}"
+            );
+            assert!(!line.contains('\n'), "one line: {line}");
+        }
+    }
+
+    /// Blank values count as unset.
+    #[test]
+    fn blank_is_unset() {
+        let config = load(&[("JWT_SECRET", "s"), ("REDIS_URL", "  ")]).expect("valid");
+        assert_eq!(config.redis_url, None);
+    }
+}
