@@ -1,0 +1,52 @@
+//! Balance changes requested by a service (SPEC §5 `POST /api/credits/changes`).
+
+use app::wire::{BalanceEvent, ChangeRequest};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderName, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+
+use crate::{
+    AppState,
+    auth::ServiceCaller,
+    error::{ApiError, AppJson},
+    store::{Applied, NewChange},
+};
+
+/// Set on the answer to a repeated change: the original result, nothing applied again.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/credits/changes", post(create))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    _service: ServiceCaller,
+    AppJson(request): AppJson<ChangeRequest>,
+) -> Result<Response, ApiError> {
+    let change = NewChange {
+        user_id: request.user_id,
+        amount: request.amount,
+        kind: request.kind,
+        metadata: request.metadata.unwrap_or_default(),
+        idempotency_key: request.idempotency_key,
+    };
+    Ok(respond(state.store.apply(&change).await?))
+}
+
+/// 201 with the event for a new change; 200 with `Idempotent-Replayed: true` for a replay.
+pub fn respond(applied: Applied) -> Response {
+    match applied {
+        Applied::New(event) => (StatusCode::CREATED, Json::<BalanceEvent>(event)).into_response(),
+        Applied::Replayed(event) => (
+            StatusCode::OK,
+            [(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"))],
+            Json(event),
+        )
+            .into_response(),
+    }
+}

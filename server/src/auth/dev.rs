@@ -1,0 +1,59 @@
+//! Dev mode's signing secret: generated once and kept in the data folder, so restarting
+//! `make run` keeps browser sessions valid.
+
+use std::{io, path::Path};
+
+use rand::{Rng, distr::Alphanumeric};
+
+/// File name of the generated secret inside the data folder.
+pub const SECRET_FILE: &str = "dev-jwt-secret";
+const SECRET_LEN: usize = 48;
+
+/// Reads the dev secret from `data_dir`, creating it (readable by the owner only) if missing.
+///
+/// # Errors
+/// When the folder or file cannot be read or written.
+pub fn load_or_create_secret(data_dir: &Path) -> io::Result<String> {
+    let path = data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 32 => return Ok(secret.trim().to_owned()),
+        Ok(_) => tracing::warn!(path = %path.display(), "dev secret too short; replacing it"),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let secret: String = rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(SECRET_LEN)
+        .map(char::from)
+        .collect();
+    write_private(&path, &secret)?;
+    tracing::info!(path = %path.display(), "generated a dev JWT secret");
+    Ok(secret)
+}
+
+fn write_private(path: &Path, contents: &str) -> io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The secret is created once and read back unchanged on the next start.
+    #[test]
+    fn secret_survives_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = load_or_create_secret(&dir.path().join("nested")).expect("created");
+        assert_eq!(first.len(), SECRET_LEN);
+        let second = load_or_create_secret(&dir.path().join("nested")).expect("read");
+        assert_eq!(first, second);
+    }
+}

@@ -1,0 +1,257 @@
+//! A requested change and the rules it must pass before and inside the database transaction:
+//! field validation, the balance arithmetic, and idempotent replay.
+
+use app::wire::{BalanceEvent, BalanceTag, Change, MAX_CREDITS, Metadata, Transaction};
+
+use super::StoreError;
+
+/// Longest accepted `user_id`.
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Longest accepted idempotency key (SPEC §3).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+/// Largest accepted metadata, as compact JSON (SPEC §3).
+pub const MAX_METADATA_BYTES: usize = 4096;
+/// Longest accepted change type: `[a-z][a-z0-9_]{0,31}`.
+pub const MAX_TYPE_LEN: usize = 32;
+
+/// A change as requested, before it is applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewChange {
+    pub user_id: String,
+    pub amount: i64,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub idempotency_key: Option<String>,
+}
+
+impl NewChange {
+    /// Checks every field against SPEC §3 before any database work.
+    ///
+    /// # Errors
+    /// `Invalid` naming the field, or `OutOfRange` for an amount beyond ±(2^53 − 1).
+    pub fn validate(&self) -> Result<(), StoreError> {
+        validate_user_id(&self.user_id)?;
+        if self.amount == 0 {
+            return Err(StoreError::invalid("amount", "must not be zero"));
+        }
+        if self.amount.unsigned_abs() > MAX_CREDITS.unsigned_abs() {
+            return Err(StoreError::OutOfRange {
+                field: "amount",
+                value: self.amount.to_string(),
+            });
+        }
+        if !is_valid_type(&self.kind) {
+            return Err(StoreError::invalid(
+                "type",
+                "must match [a-z][a-z0-9_]{0,31}, e.g. purchase",
+            ));
+        }
+        let metadata_len = serde_json::to_string(&self.metadata)
+            .map(|text| text.len())
+            .unwrap_or(usize::MAX);
+        if metadata_len > MAX_METADATA_BYTES {
+            return Err(StoreError::invalid(
+                "metadata",
+                format!("is {metadata_len} bytes of JSON, more than {MAX_METADATA_BYTES}"),
+            ));
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err(StoreError::invalid(
+                "idempotency_key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The balance after this change, refusing a negative or out-of-range result.
+    ///
+    /// # Errors
+    /// `InsufficientCredits` or `OutOfRange`.
+    pub fn next_balance(&self, balance: i64) -> Result<i64, StoreError> {
+        let next = balance
+            .checked_add(self.amount)
+            .filter(|next| *next <= MAX_CREDITS)
+            .ok_or_else(|| StoreError::OutOfRange {
+                field: "balance",
+                value: format!("{balance} + {}", self.amount),
+            })?;
+        if next < 0 {
+            return Err(StoreError::InsufficientCredits {
+                balance,
+                amount: self.amount,
+            });
+        }
+        Ok(next)
+    }
+
+    /// The original result when this change repeats an earlier one with the same key.
+    ///
+    /// # Errors
+    /// `IdempotencyConflict` when the earlier change had another amount, type or metadata.
+    pub fn replay(&self, prior: Transaction) -> Result<BalanceEvent, StoreError> {
+        if prior.amount != self.amount || prior.kind != self.kind || prior.metadata != self.metadata
+        {
+            return Err(StoreError::IdempotencyConflict);
+        }
+        Ok(event(&self.user_id, prior))
+    }
+}
+
+/// Checks a user id taken from a request or token.
+///
+/// # Errors
+/// `Invalid` for an empty, over-long or control-character id.
+pub fn validate_user_id(user_id: &str) -> Result<(), StoreError> {
+    if user_id.is_empty()
+        || user_id.len() > MAX_USER_ID_LEN
+        || user_id.chars().any(char::is_control)
+    {
+        return Err(StoreError::invalid(
+            "user_id",
+            format!("must be 1 to {MAX_USER_ID_LEN} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn is_valid_type(kind: &str) -> bool {
+    let mut bytes = kind.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z'))
+        && kind.len() <= MAX_TYPE_LEN
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+/// The balance event a committed ledger row stands for; a replay rebuilds the same event.
+pub fn event(user_id: &str, row: Transaction) -> BalanceEvent {
+    BalanceEvent {
+        tag: BalanceTag::Balance,
+        user_id: user_id.to_owned(),
+        balance: row.balance_after,
+        version: row.version,
+        updated_at: Some(row.created_at),
+        change: Some(Change {
+            id: row.id,
+            amount: row.amount,
+            kind: row.kind,
+            metadata: row.metadata,
+            created_at: row.created_at,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change(amount: i64) -> NewChange {
+        NewChange {
+            user_id: "u1".into(),
+            amount,
+            kind: "purchase".into(),
+            metadata: Metadata::new(),
+            idempotency_key: None,
+        }
+    }
+
+    fn field_of(err: StoreError) -> &'static str {
+        match err {
+            StoreError::Invalid { field, .. } | StoreError::OutOfRange { field, .. } => field,
+            other => panic!("not a field error: {other:?}"),
+        }
+    }
+
+    /// Change types follow `[a-z][a-z0-9_]{0,31}`.
+    #[test]
+    fn type_pattern() {
+        for good in ["purchase", "a", "top_up_2", &format!("a{}", "b".repeat(31))] {
+            assert!(is_valid_type(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Purchase",
+            "1st",
+            "_x",
+            "spend-x",
+            "spénd",
+            &"a".repeat(33),
+        ] {
+            assert!(!is_valid_type(bad), "{bad}");
+        }
+    }
+
+    /// Each invalid field is refused and named.
+    #[test]
+    fn invalid_fields_are_named() {
+        let mut c = change(0);
+        assert_eq!(field_of(c.validate().unwrap_err()), "amount");
+        c = change(MAX_CREDITS + 1);
+        assert!(matches!(c.validate(), Err(StoreError::OutOfRange { .. })));
+        c = change(-MAX_CREDITS - 1);
+        assert!(matches!(c.validate(), Err(StoreError::OutOfRange { .. })));
+        c = change(1);
+        c.kind = "Bad".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "type");
+        c = change(1);
+        c.user_id = String::new();
+        assert_eq!(field_of(c.validate().unwrap_err()), "user_id");
+        c = change(1);
+        c.idempotency_key = Some("k".repeat(129));
+        assert_eq!(field_of(c.validate().unwrap_err()), "idempotency_key");
+        c = change(1);
+        c.metadata
+            .insert("blob".into(), json!("x".repeat(MAX_METADATA_BYTES)));
+        assert_eq!(field_of(c.validate().unwrap_err()), "metadata");
+        assert!(change(MAX_CREDITS).validate().is_ok());
+        assert!(change(-MAX_CREDITS).validate().is_ok());
+    }
+
+    /// Balances never go negative nor beyond 2^53 − 1.
+    #[test]
+    fn balance_arithmetic() {
+        assert_eq!(change(5).next_balance(10).unwrap(), 15);
+        assert_eq!(change(-10).next_balance(10).unwrap(), 0);
+        assert!(matches!(
+            change(-11).next_balance(10),
+            Err(StoreError::InsufficientCredits {
+                balance: 10,
+                amount: -11
+            })
+        ));
+        assert!(matches!(
+            change(1).next_balance(MAX_CREDITS),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert_eq!(change(MAX_CREDITS).next_balance(0).unwrap(), MAX_CREDITS);
+    }
+
+    /// A replay returns the original event; another body under the same key conflicts.
+    #[test]
+    fn replay_and_conflict() {
+        let prior = Transaction {
+            id: "t1".into(),
+            amount: 5,
+            kind: "purchase".into(),
+            metadata: Metadata::new(),
+            balance_after: 5,
+            version: 1,
+            created_at: "2026-11-28T10:00:00Z".parse().unwrap(),
+        };
+        let event = change(5).replay(prior.clone()).unwrap();
+        assert_eq!(event.balance, 5);
+        assert_eq!(event.change.unwrap().id, "t1");
+        assert!(matches!(
+            change(6).replay(prior.clone()),
+            Err(StoreError::IdempotencyConflict)
+        ));
+        let mut other_meta = change(5);
+        other_meta.metadata.insert("x".into(), json!(1));
+        assert!(matches!(
+            other_meta.replay(prior),
+            Err(StoreError::IdempotencyConflict)
+        ));
+    }
+}

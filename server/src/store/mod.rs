@@ -1,0 +1,224 @@
+//! The credit ledger (SPEC §3): balances, versions and the transaction log, on SQLite (embedded
+//! default) or PostgreSQL (several instances). All SQL lives in the backend modules; the
+//! rules of a change live in `change` and the transaction's steps in `ledger`, once for both.
+
+mod change;
+mod ledger;
+mod postgres;
+mod sqlite;
+
+use app::wire::{BalanceEvent, BalanceSnapshot, Metadata, Transaction, TransactionPage};
+use chrono::{DateTime, Utc};
+
+pub use change::{NewChange, validate_user_id};
+
+use crate::config::DatabaseUrl;
+
+/// Default page size of the ledger listing.
+pub const DEFAULT_PAGE_LIMIT: u32 = 20;
+/// Largest page of the ledger listing.
+pub const MAX_PAGE_LIMIT: u32 = 100;
+
+/// Why a store operation did not happen. Nothing was changed in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{field} {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{field} out of range: {value} is beyond ±9007199254740991")]
+    OutOfRange { field: &'static str, value: String },
+    #[error("insufficient credits: balance {balance}, change {amount}")]
+    InsufficientCredits { balance: i64, amount: i64 },
+    #[error("idempotency key already used for a different change")]
+    IdempotencyConflict,
+    /// The database cannot be reached or is overloaded; retrying later may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("corrupt ledger row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_unavailable(&err) {
+            Self::Unavailable(err)
+        } else {
+            Self::Database(err)
+        }
+    }
+}
+
+/// Errors that mean "not now" rather than "never": lost connections, pool exhaustion, a
+/// server shutting down, SQLite's busy lock.
+fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // PostgreSQL: connection exceptions (08…), shutdown (57P0…), too many
+            // connections (53300); SQLite: BUSY (5) and LOCKED (6) with extended codes.
+            code.starts_with("08")
+                || code.starts_with("57P0")
+                || code == "53300"
+                || code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
+        }),
+        _ => false,
+    }
+}
+
+/// The result of applying a change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Committed now: publish it.
+    New(BalanceEvent),
+    /// The same change was committed before under this idempotency key: answer, publish nothing.
+    Replayed(BalanceEvent),
+}
+
+/// A cheap handle to the ledger database; clones share one pool.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(sqlite::Db),
+    Postgres(postgres::Db),
+}
+
+impl Store {
+    /// Opens the database (creating a SQLite file and its folder if missing) and runs the
+    /// migrations.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or migrated.
+    pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
+        let backend = match url {
+            DatabaseUrl::Sqlite(url) => Backend::Sqlite(sqlite::Db::connect(url).await?),
+            DatabaseUrl::Postgres(url) => Backend::Postgres(postgres::Db::connect(url).await?),
+        };
+        Ok(Self { backend })
+    }
+
+    /// The user's current balance; a user never seen has balance 0 and version 0.
+    ///
+    /// # Errors
+    /// `Unavailable` or `Database`.
+    pub async fn snapshot(&self, user_id: &str) -> Result<BalanceSnapshot, StoreError> {
+        let row = match &self.backend {
+            Backend::Sqlite(db) => db.account(user_id).await?,
+            Backend::Postgres(db) => db.account(user_id).await?,
+        };
+        let (balance, version, updated_at) = row.unwrap_or((0, 0, None));
+        Ok(BalanceSnapshot {
+            user_id: user_id.to_owned(),
+            balance,
+            version,
+            updated_at,
+        })
+    }
+
+    /// Applies one change atomically: validate, check the idempotency key, append the ledger
+    /// row, update the account to the new balance and `version + 1`.
+    ///
+    /// # Errors
+    /// Every refusal of `StoreError`; a refused change leaves no trace and keeps its key unused.
+    pub async fn apply(&self, change: &NewChange) -> Result<Applied, StoreError> {
+        change.validate()?;
+        match &self.backend {
+            Backend::Sqlite(db) => ledger::apply(db.begin_write().await?, change).await,
+            Backend::Postgres(db) => ledger::apply(db.begin().await?, change).await,
+        }
+    }
+
+    /// A page of the user's ledger, newest first, strictly older than version `before`.
+    ///
+    /// # Errors
+    /// `Invalid` for a `limit` outside 1..=100, else `Unavailable`, `Database` or `Corrupt`.
+    pub async fn transactions(
+        &self,
+        user_id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<TransactionPage, StoreError> {
+        if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
+            return Err(StoreError::invalid(
+                "limit",
+                format!("must be 1 to {MAX_PAGE_LIMIT}"),
+            ));
+        }
+        let before = before.unwrap_or(i64::MAX);
+        let rows = match &self.backend {
+            Backend::Sqlite(db) => db.transactions(user_id, limit, before).await?,
+            Backend::Postgres(db) => db.transactions(user_id, limit, before).await?,
+        };
+        let items = rows
+            .into_iter()
+            .map(LedgerRow::into_transaction)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_before = match items.last() {
+            Some(last) if items.len() == limit as usize && last.version > 1 => Some(last.version),
+            _ => None,
+        };
+        Ok(TransactionPage { items, next_before })
+    }
+
+    /// Checks that the database answers, for readiness probes.
+    ///
+    /// # Errors
+    /// `Unavailable` or `Database`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(db) => db.ping().await,
+            Backend::Postgres(db) => db.ping().await,
+        }
+    }
+}
+
+/// A ledger row as both backends read it; metadata is JSON text.
+#[derive(sqlx::FromRow)]
+struct LedgerRow {
+    id: String,
+    amount: i64,
+    #[sqlx(rename = "type")]
+    kind: String,
+    metadata: String,
+    balance_after: i64,
+    version: i64,
+    created_at: DateTime<Utc>,
+}
+
+impl LedgerRow {
+    fn into_transaction(self) -> Result<Transaction, StoreError> {
+        let metadata: Metadata = serde_json::from_str(&self.metadata)
+            .map_err(|err| StoreError::Corrupt(format!("metadata of {}: {err}", self.id)))?;
+        Ok(Transaction {
+            id: self.id,
+            amount: self.amount,
+            kind: self.kind,
+            metadata,
+            balance_after: self.balance_after,
+            version: self.version,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// An account row: balance, version, updated_at.
+type AccountRow = (i64, i64, Option<DateTime<Utc>>);

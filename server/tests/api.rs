@@ -1,0 +1,560 @@
+//! The HTTP API through the real router: every status of SPEC §4, every token attack, the
+//! token sources, idempotent replays, dev mode, and a database outage answered with 503.
+
+mod common;
+
+use axum::{body::Body, http::Request};
+use common::{
+    Answer, SECRET, SERVICE_KEY, TestDb, change, config, get, now_plus, post, send, service_jwt,
+    sign, state, user_token,
+};
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::json;
+use server::AppState;
+
+async fn sqlite_state(overrides: &[(&str, &str)]) -> (TestDb, AppState) {
+    let db = TestDb::sqlite();
+    let state = state(config(&db, overrides)).await;
+    (db, state)
+}
+
+async fn apply(state: &AppState, body: String) -> Answer {
+    send(state, post("/api/credits/changes", Some(SERVICE_KEY), body)).await
+}
+
+/// The balance of a new user, then after a change, for that user only.
+#[tokio::test]
+async fn balance_follows_changes() {
+    let (_db, state) = sqlite_state(&[]).await;
+    let alice = user_token("alice");
+    let answer = send(&state, get("/api/credits/balance", Some(&alice))).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.json(),
+        json!({"user_id": "alice", "balance": 0, "version": 0, "updated_at": null})
+    );
+
+    let created = apply(&state, change("alice", 250, "purchase")).await;
+    assert_eq!(created.status, 201);
+    let event = created.json();
+    assert_eq!(event["type"], "balance");
+    assert_eq!(
+        (event["balance"].as_i64(), event["version"].as_i64()),
+        (Some(250), Some(1))
+    );
+    assert_eq!(event["change"]["type"], "purchase");
+
+    let answer = send(&state, get("/api/credits/balance", Some(&alice))).await;
+    assert_eq!(answer.json()["balance"], 250);
+    let bob = send(
+        &state,
+        get("/api/credits/balance", Some(&user_token("bob"))),
+    )
+    .await;
+    assert_eq!(bob.json()["balance"], 0);
+}
+
+/// Every way of presenting a bad or wrong token is refused with the right status.
+#[tokio::test]
+async fn token_attacks_are_refused() {
+    let (_db, state) = sqlite_state(&[]).await;
+    let secret = EncodingKey::from_secret(SECRET.as_bytes());
+    let wrong = EncodingKey::from_secret(b"another-secret-entirely-0123456789");
+    let rsa = EncodingKey::from_rsa_pem(include_bytes!("fixtures/rsa_private.pem")).expect("key");
+    let claims = |exp: i64| json!({"sub": "alice", "exp": exp});
+    let unsigned = format!(
+        "{}.{}.",
+        base64_url(br#"{"alg":"none","typ":"JWT"}"#),
+        base64_url(claims(now_plus(3600)).to_string().as_bytes())
+    );
+    let cases: Vec<(&str, Option<String>, u16)> = vec![
+        ("missing", None, 401),
+        ("garbage", Some("not-a-jwt".into()), 401),
+        (
+            "expired",
+            Some(sign(claims(now_plus(-30)), Algorithm::HS256, &secret)),
+            401,
+        ),
+        (
+            "wrong secret",
+            Some(sign(claims(now_plus(3600)), Algorithm::HS256, &wrong)),
+            401,
+        ),
+        ("alg none", Some(unsigned), 401),
+        (
+            "HS512, right secret",
+            Some(sign(claims(now_plus(3600)), Algorithm::HS512, &secret)),
+            401,
+        ),
+        (
+            "RS256 without JWKS",
+            Some(sign(claims(now_plus(3600)), Algorithm::RS256, &rsa)),
+            401,
+        ),
+        (
+            "no exp",
+            Some(sign(json!({"sub": "alice"}), Algorithm::HS256, &secret)),
+            401,
+        ),
+        (
+            "no sub",
+            Some(sign(
+                json!({"exp": now_plus(3600)}),
+                Algorithm::HS256,
+                &secret,
+            )),
+            401,
+        ),
+        ("service JWT as user", Some(service_jwt()), 403),
+        ("service key as user", Some(SERVICE_KEY.into()), 403),
+    ];
+    for (name, token, status) in cases {
+        let answer = send(&state, get("/api/credits/balance", token.as_deref())).await;
+        assert_eq!(answer.status, status, "{name}");
+        let code = if status == 401 {
+            "unauthorized"
+        } else {
+            "forbidden"
+        };
+        assert_eq!(answer.error_code(), code, "{name}");
+    }
+
+    // Within the 5 s leeway a just-expired token still passes; beyond it, it does not.
+    let fresh = sign(claims(now_plus(-2)), Algorithm::HS256, &secret);
+    assert_eq!(
+        send(&state, get("/api/credits/balance", Some(&fresh)))
+            .await
+            .status,
+        200
+    );
+
+    // A user token on the service route is forbidden; no token is unauthorized.
+    let body = change("alice", 1, "grant");
+    let as_user = send(
+        &state,
+        post(
+            "/api/credits/changes",
+            Some(&user_token("alice")),
+            body.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (as_user.status, as_user.error_code().as_str()),
+        (403, "forbidden")
+    );
+    let anonymous = send(&state, post("/api/credits/changes", None, body.clone())).await;
+    assert_eq!(anonymous.status, 401);
+    // Both service credentials are accepted.
+    assert_eq!(
+        send(
+            &state,
+            post("/api/credits/changes", Some(&service_jwt()), body)
+        )
+        .await
+        .status,
+        201
+    );
+}
+
+/// Hand-rolled base64url for the `alg: none` token, which no signing library will make.
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, &b| acc << 8 | u32::from(b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// A configured audience is required; tokens for another audience are refused.
+#[tokio::test]
+async fn audience_is_checked_when_configured() {
+    let (_db, state) = sqlite_state(&[("JWT_AUDIENCE", "authenticated")]).await;
+    let secret = EncodingKey::from_secret(SECRET.as_bytes());
+    let token = |aud: &str| {
+        sign(
+            json!({"sub": "alice", "exp": now_plus(60), "aud": aud}),
+            Algorithm::HS256,
+            &secret,
+        )
+    };
+    let ok = send(
+        &state,
+        get("/api/credits/balance", Some(&token("authenticated"))),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let other = send(
+        &state,
+        get("/api/credits/balance", Some(&token("someone-else"))),
+    )
+    .await;
+    assert_eq!(other.status, 401);
+}
+
+/// Browsers' token sources: the `token` query parameter and the session cookie.
+#[tokio::test]
+async fn token_from_query_and_cookie() {
+    let (_db, state) = sqlite_state(&[]).await;
+    let token = user_token("alice");
+    let by_query = send(
+        &state,
+        get(&format!("/api/credits/balance?token={token}"), None),
+    )
+    .await;
+    assert_eq!(by_query.json()["user_id"], "alice");
+    let by_cookie = Request::get("/api/credits/balance")
+        .header("cookie", format!("theme=dark; livecredits_session={token}"))
+        .body(Body::empty())
+        .expect("request");
+    assert_eq!(send(&state, by_cookie).await.json()["user_id"], "alice");
+}
+
+/// Every refusal of a change has its status and code, and changes nothing.
+#[tokio::test]
+async fn change_refusals() {
+    let (_db, state) = sqlite_state(&[]).await;
+    assert_eq!(
+        apply(&state, change("alice", 100, "grant")).await.status,
+        201
+    );
+    let big = "x".repeat(4100);
+    let huge = "y".repeat(17 * 1024);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "insufficient",
+            change("alice", -101, "spend"),
+            409,
+            "insufficient_credits",
+        ),
+        (
+            "beyond 2^53-1",
+            change("alice", 9_007_199_254_740_992, "grant"),
+            422,
+            "out_of_range",
+        ),
+        (
+            "balance overflow",
+            change("alice", 9_007_199_254_740_991, "grant"),
+            422,
+            "out_of_range",
+        ),
+        (
+            "beyond i64",
+            r#"{"user_id":"alice","amount":99999999999999999999,"type":"grant"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        ("zero", change("alice", 0, "grant"), 422, "invalid_field"),
+        (
+            "bad type",
+            change("alice", 1, "Grant!"),
+            422,
+            "invalid_field",
+        ),
+        (
+            "float",
+            r#"{"user_id":"alice","amount":1.5,"type":"grant"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "string amount",
+            r#"{"user_id":"alice","amount":"1","type":"grant"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "metadata array",
+            json!({"user_id":"alice","amount":1,"type":"grant","metadata":[1]}).to_string(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "metadata > 4 KiB",
+            json!({"user_id":"alice","amount":1,"type":"grant","metadata":{"b":big}}).to_string(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "missing user",
+            r#"{"amount":1,"type":"grant"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        ("empty user", change("", 1, "grant"), 422, "invalid_field"),
+        (
+            "unknown field",
+            r#"{"user_id":"alice","amount":1,"type":"grant","balance":5}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            "long key",
+            json!({"user_id":"alice","amount":1,"type":"grant","idempotency_key":"k".repeat(129)})
+                .to_string(),
+            422,
+            "invalid_field",
+        ),
+        ("malformed JSON", "{\"user_id\": ".into(), 400, "bad_json"),
+        (
+            "body > 16 KiB",
+            json!({"user_id":"alice","amount":1,"type":"grant","metadata":{"b":huge}}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (name, body, status, code) in cases {
+        let answer = apply(&state, body).await;
+        assert_eq!(
+            (answer.status, answer.error_code().as_str()),
+            (status, code),
+            "{name}"
+        );
+        assert!(
+            !answer.json()["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{name}"
+        );
+    }
+    let field = apply(&state, change("alice", 1, "Grant!")).await.json();
+    assert!(
+        field["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("type"),
+        "{field}"
+    );
+
+    let balance = send(
+        &state,
+        get("/api/credits/balance", Some(&user_token("alice"))),
+    )
+    .await;
+    assert_eq!(
+        (
+            balance.json()["balance"].as_i64(),
+            balance.json()["version"].as_i64()
+        ),
+        (Some(100), Some(1))
+    );
+
+    let no_content_type = Request::post("/api/credits/changes")
+        .header("authorization", format!("Bearer {SERVICE_KEY}"))
+        .body(Body::from(change("alice", 1, "grant")))
+        .expect("request");
+    assert_eq!(send(&state, no_content_type).await.error_code(), "bad_json");
+}
+
+/// A repeated key answers 200 with the original event and `Idempotent-Replayed: true`; the
+/// same key with another body is 409.
+#[tokio::test]
+async fn idempotent_replay_over_http() {
+    let (_db, state) = sqlite_state(&[]).await;
+    let body = json!({"user_id": "alice", "amount": 30, "type": "purchase",
+                      "metadata": {"order": 7}, "idempotency_key": "order-7"});
+    let first = apply(&state, body.to_string()).await;
+    assert_eq!(first.status, 201);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let again = apply(&state, body.to_string()).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.json(), first.json());
+
+    let mut different = body.clone();
+    different["metadata"] = json!({"order": 8});
+    let conflict = apply(&state, different.to_string()).await;
+    assert_eq!(
+        (conflict.status, conflict.error_code().as_str()),
+        (409, "idempotency_conflict")
+    );
+    let balance = send(
+        &state,
+        get("/api/credits/balance", Some(&user_token("alice"))),
+    )
+    .await;
+    assert_eq!(balance.json()["balance"], 30);
+}
+
+/// The ledger listing pages newest first and validates its query.
+#[tokio::test]
+async fn transactions_listing() {
+    let (_db, state) = sqlite_state(&[]).await;
+    for amount in 1..=3 {
+        apply(&state, change("alice", amount, "grant")).await;
+    }
+    let alice = user_token("alice");
+    let page = send(
+        &state,
+        get("/api/credits/transactions?limit=2", Some(&alice)),
+    )
+    .await
+    .json();
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["items"][0]["version"], 3);
+    assert_eq!(page["next_before"], 2);
+    let rest = send(
+        &state,
+        get("/api/credits/transactions?limit=2&before=2", Some(&alice)),
+    )
+    .await
+    .json();
+    assert_eq!(rest["items"][0]["version"], 1);
+    assert_eq!(rest["next_before"], json!(null));
+    let default = send(&state, get("/api/credits/transactions", Some(&alice)))
+        .await
+        .json();
+    assert_eq!(default["items"].as_array().map(Vec::len), Some(3));
+
+    for query in [
+        "limit=0",
+        "limit=101",
+        "limit=abc",
+        "before=-1",
+        "before=1.5",
+        "user_id=bob",
+    ] {
+        let answer = send(
+            &state,
+            get(&format!("/api/credits/transactions?{query}"), Some(&alice)),
+        )
+        .await;
+        assert_eq!(
+            (answer.status, answer.error_code().as_str()),
+            (422, "invalid_field"),
+            "{query}"
+        );
+    }
+}
+
+/// Dev mode: sign-in sets an HttpOnly, SameSite=Lax session cookie that authenticates, and
+/// the caller can change their own balance.
+#[tokio::test]
+async fn dev_sign_in_and_own_credits() {
+    let (db, state) = sqlite_state(&[("LIVECREDITS_DEV_LOGIN", "1"), ("JWT_SECRET", "")]).await;
+    let login = send(
+        &state,
+        post(
+            "/api/dev/login",
+            None,
+            json!({"user_id": "dev-user"}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(login.status, 200);
+    let cookie = login.headers["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(cookie.starts_with("livecredits_session="), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
+    let body = login.json();
+    assert_eq!(body["user_id"], "dev-user");
+    let token = body["token"].as_str().expect("token").to_owned();
+
+    let session = cookie.split(';').next().expect("name=value").to_owned();
+    let spend = Request::post("/api/dev/credits")
+        .header("cookie", &session)
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"amount": 40, "type": "grant"}).to_string(),
+        ))
+        .expect("request");
+    let event = send(&state, spend).await;
+    assert_eq!(event.status, 201);
+    assert_eq!(event.json()["user_id"], "dev-user");
+    let balance = send(&state, get("/api/credits/balance", Some(&token))).await;
+    assert_eq!(balance.json()["balance"], 40);
+
+    // The generated secret is kept, so a restarted instance accepts the same session.
+    assert!(
+        db.dir
+            .path()
+            .join("data")
+            .join(server::auth::dev::SECRET_FILE)
+            .exists()
+    );
+    let restarted = common::state(config(
+        &db,
+        &[("LIVECREDITS_DEV_LOGIN", "1"), ("JWT_SECRET", "")],
+    ))
+    .await;
+    assert_eq!(
+        send(&restarted, get("/api/credits/balance", Some(&token)))
+            .await
+            .status,
+        200
+    );
+
+    let bad = send(
+        &state,
+        post("/api/dev/login", None, json!({"user_id": ""}).to_string()),
+    )
+    .await;
+    assert_eq!(bad.status, 422);
+    let anonymous = send(
+        &state,
+        post(
+            "/api/dev/credits",
+            None,
+            json!({"amount": 1, "type": "grant"}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(anonymous.status, 401);
+}
+
+/// Without dev mode the dev routes do not exist; unknown API paths are 404 `ApiError`s.
+#[tokio::test]
+async fn dev_routes_are_404_outside_dev_mode() {
+    let (_db, state) = sqlite_state(&[]).await;
+    for uri in ["/api/dev/login", "/api/dev/credits", "/api/nothing-here"] {
+        let answer = send(&state, post(uri, None, json!({"user_id": "x"}).to_string())).await;
+        assert_eq!(
+            (answer.status, answer.error_code().as_str()),
+            (404, "not_found"),
+            "{uri}"
+        );
+    }
+}
+
+/// With PostgreSQL unreachable, requests fail fast with 503 and the instance recovers by
+/// itself once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_answers_503_then_recovers() {
+    let (db, proxy, url) = common::postgres_behind_proxy().await;
+    let mut config = config(&db, &[]);
+    config.database_url = url;
+    let state = state(config).await;
+    assert_eq!(apply(&state, change("alice", 5, "grant")).await.status, 201);
+
+    proxy.cut().await;
+    let started = std::time::Instant::now();
+    let down = apply(&state, change("alice", 5, "grant")).await;
+    assert_eq!(
+        (down.status, down.error_code().as_str()),
+        (503, "unavailable")
+    );
+    let read = send(
+        &state,
+        get("/api/credits/balance", Some(&user_token("alice"))),
+    )
+    .await;
+    assert_eq!(read.status, 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+
+    proxy.restore().await;
+    let back = apply(&state, change("alice", 5, "grant")).await;
+    assert_eq!(back.status, 201);
+    assert_eq!(back.json()["balance"], 10);
+}
