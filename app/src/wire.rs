@@ -55,6 +55,18 @@ impl BalanceEvent {
     }
 }
 
+impl BalanceEvent {
+    /// The balance this event leaves, without the change.
+    pub fn to_snapshot(&self) -> BalanceSnapshot {
+        BalanceSnapshot {
+            user_id: self.user_id.clone(),
+            balance: self.balance,
+            version: self.version,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
 /// The change that produced a [`BalanceEvent`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
@@ -213,6 +225,28 @@ pub enum WsServerMsg {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WsClientMsg {
     Ping,
+}
+
+/// How live connections end (SPEC §5): WebSocket close codes and SSE terminal events, each
+/// with what a client should do next.
+pub mod close {
+    /// The client kept sending malformed or unknown frames: fix the client, do not resend.
+    pub const POLICY: u16 = 1008;
+    /// A client frame was over 4 KiB: fix the client, do not resend.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server is restarting: reconnect after a short jittered delay, to any instance.
+    pub const RESTARTING: u16 = 1012;
+    /// The ledger could not be read for the snapshot: reconnect with backoff.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The token expired: re-authenticate, then reconnect.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The page's origin may not use the session cookie: do not retry from this origin.
+    pub const FORBIDDEN_ORIGIN: u16 = 4003;
+    /// The user (or instance) has too many connections: back off before retrying.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+    /// SSE event sent just before the stream ends because the token expired, with data
+    /// `{"error":"token_expired"}`: re-authenticate, then reconnect.
+    pub const SSE_AUTH_EXPIRED: &str = "auth_expired";
 }
 
 #[cfg(test)]

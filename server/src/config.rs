@@ -7,6 +7,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use leptos::config::LeptosOptions;
 
+use crate::realtime::RealtimeConfig;
+
 /// Listen address when `LEPTOS_SITE_ADDR` is unset.
 pub const DEFAULT_SITE_ADDR: &str = "127.0.0.1:3000";
 /// The embedded database when `DATABASE_URL` is unset.
@@ -67,6 +69,12 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Folder for local state such as the generated dev secret (`LIVECREDITS_DATA_DIR`).
     pub data_dir: PathBuf,
+    /// Open connections this instance accepts (`LIVECREDITS_MAX_CONNECTIONS`); `None`
+    /// derives it from the open-files limit at start-up.
+    pub max_connections: Option<usize>,
+    /// Live-connection timings and per-user limits (`LIVECREDITS_MAX_LIVE_PER_USER`,
+    /// `LIVECREDITS_MAX_POLLS_PER_USER`).
+    pub realtime: RealtimeConfig,
     /// Where the built site lives and how Leptos names its files.
     pub leptos: LeptosOptions,
 }
@@ -114,6 +122,16 @@ impl Config {
         if jwt_secret.is_none() && supabase_url.is_none() && !dev_login {
             return Err(ConfigError::MissingSecret);
         }
+        let mut realtime = RealtimeConfig::default();
+        if let Some(value) = var("LIVECREDITS_MAX_LIVE_PER_USER") {
+            realtime.limits.live_per_user = parse_count("LIVECREDITS_MAX_LIVE_PER_USER", &value)?;
+        }
+        if let Some(value) = var("LIVECREDITS_MAX_POLLS_PER_USER") {
+            realtime.limits.polls_per_user = parse_count("LIVECREDITS_MAX_POLLS_PER_USER", &value)?;
+        }
+        let max_connections = var("LIVECREDITS_MAX_CONNECTIONS")
+            .map(|value| parse_count("LIVECREDITS_MAX_CONNECTIONS", &value))
+            .transpose()?;
         let allowed_origins = var("CORS_ORIGINS")
             .map(|list| parse_origins(&list))
             .transpose()?
@@ -134,6 +152,8 @@ impl Config {
             data_dir: var("LIVECREDITS_DATA_DIR")
                 .unwrap_or(DEFAULT_DATA_DIR.into())
                 .into(),
+            max_connections,
+            realtime,
             leptos: LeptosOptions::builder()
                 .output_name(OUTPUT_NAME)
                 .site_root(DEFAULT_SITE_ROOT)
@@ -214,6 +234,16 @@ fn parse_flag(var: &'static str, value: Option<String>) -> Result<bool, ConfigEr
     }
 }
 
+fn parse_count(var: &'static str, value: &str) -> Result<usize, ConfigError> {
+    match value.trim().parse::<usize>() {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err(invalid(
+            var,
+            format!("{value:?} is not a positive whole number"),
+        )),
+    }
+}
+
 fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
     list.split(',')
         .map(str::trim)
@@ -264,6 +294,9 @@ mod tests {
         assert!(!config.dev_login);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.data_dir, PathBuf::from("data"));
+        assert_eq!(config.realtime.limits.live_per_user, 32);
+        assert_eq!(config.realtime.limits.polls_per_user, 8);
+        assert_eq!(config.max_connections, None);
     }
 
     /// Every variable of SPEC §2 is read.
@@ -281,6 +314,9 @@ mod tests {
             ("SUPABASE_SERVICE_ROLE_KEY", "key"),
             ("LIVECREDITS_DEV_LOGIN", "1"),
             ("CORS_ORIGINS", "https://a.example, http://localhost:5173"),
+            ("LIVECREDITS_MAX_LIVE_PER_USER", "4"),
+            ("LIVECREDITS_MAX_POLLS_PER_USER", "2"),
+            ("LIVECREDITS_MAX_CONNECTIONS", "1000"),
         ])
         .expect("valid");
         assert_eq!(config.site_addr.port(), 8080);
@@ -294,6 +330,9 @@ mod tests {
             Some("https://x.supabase.co")
         );
         assert!(config.dev_login);
+        assert_eq!(config.realtime.limits.live_per_user, 4);
+        assert_eq!(config.realtime.limits.polls_per_user, 2);
+        assert_eq!(config.max_connections, Some(1000));
         assert_eq!(
             config.allowed_origins,
             ["https://a.example", "http://localhost:5173"]
@@ -327,6 +366,8 @@ mod tests {
             ("SUPABASE_URL", "x.supabase.co"),
             ("LIVECREDITS_DEV_LOGIN", "maybe"),
             ("CORS_ORIGINS", "https://a.example/path"),
+            ("LIVECREDITS_MAX_LIVE_PER_USER", "0"),
+            ("LIVECREDITS_MAX_CONNECTIONS", "lots"),
         ];
         for (var, value) in cases {
             let line = error_line(&[("JWT_SECRET", "s"), (var, value)]);

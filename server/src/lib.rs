@@ -5,38 +5,69 @@
 //! - [`store`] — the ledger on SQLite or PostgreSQL
 //! - [`auth`] — user tokens, service credentials, dev sign-in
 //! - [`api`] — the JSON API under `/api/`
+//! - [`bus`] — carries committed changes to every instance's hub
+//! - [`realtime`] — the hub and the WebSocket, SSE and long-poll transports
 //! - [`routes`] — the router that assembles every feature module
-//! - [`health`] — liveness
+//! - [`listener`] — the connection-capped accept loop
+//! - [`health`], [`metrics`] — readiness and Prometheus metrics
 //! - [`error`] — the API's error type and JSON extractors
 //! - [`shutdown`] — the signal that starts a graceful stop
 
 pub mod api;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod listener;
+pub mod metrics;
+pub mod realtime;
 pub mod routes;
 pub mod shutdown;
 pub mod state;
 pub mod store;
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use state::{AppState, StartError};
 
-/// Serves the app on `listener` until `shutdown` completes, then drains open requests.
+/// Longest a graceful stop may take before the process exits anyway (SPEC §5: 10 s).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Serves the app on `listener` until `signal` completes, then stops gracefully: no new
+/// connections, live connections told to reconnect elsewhere, in-flight requests finished.
 ///
 /// # Errors
 /// When the listener fails in a way axum cannot recover from.
 pub async fn run(
     state: AppState,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    signal: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let shutdown = state.shutdown.clone();
+    let trigger = shutdown.clone();
+    let tasks = state.tasks.clone();
+    let listener = listener::LimitedListener::new(listener, state.max_connections);
+    let serve = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+        signal.await;
+        trigger.cancel();
+    });
+    let stopped = async {
+        serve.await?;
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    };
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!("graceful stop took too long; exiting");
+    };
+    tokio::select! {
+        result = stopped => result,
+        () = deadline => Ok(()),
+    }
 }

@@ -1,29 +1,59 @@
 //! The single place where every route and layer is assembled.
 
-use app::{App, shell};
-use axum::{Router, http::Request};
+use app::{App, shell, wire::ErrorCode};
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::{HeaderValue, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
 use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::{AppState, api, health};
+use crate::{AppState, api, error::ApiError, health, metrics, realtime};
 
 /// The whole application: API, health, the Leptos pages and static files.
 pub fn router(state: AppState) -> Router {
     let pages = generate_route_list(App);
     Router::new()
         .merge(health::router())
+        .merge(metrics::router())
+        .merge(realtime::router())
         .merge(api::router(state.config.dev_login))
         .leptos_routes(&state, pages, {
             let options = state.leptos.clone();
             move || shell(options.clone())
         })
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_stopping,
+        ))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
 
+/// Once shutdown has begun, requests still arriving on open keep-alive connections get 503
+/// and `Connection: close`, so clients go to another instance.
+async fn refuse_while_stopping(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !state.shutdown.is_cancelled() {
+        return next.run(request).await;
+    }
+    let mut response =
+        ApiError::new(ErrorCode::Unavailable, "the server is shutting down").into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// Logs method and path only: query strings may carry tokens and never reach the logs.
-fn request_span<B>(request: &Request<B>) -> Span {
+fn request_span<B>(request: &axum::http::Request<B>) -> Span {
     tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
 }

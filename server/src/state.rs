@@ -4,8 +4,17 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{Config, auth::Auth, store::Store};
+use crate::{
+    Config,
+    auth::Auth,
+    bus::Bus,
+    listener,
+    metrics::Metrics,
+    realtime::{RealtimeConfig, hub::Hub},
+    store::Store,
+};
 
 /// Handed to axum's `with_state` and, through [`FromRef`], to the Leptos handlers.
 #[derive(Clone)]
@@ -14,6 +23,16 @@ pub struct AppState {
     pub leptos: LeptosOptions,
     pub store: Store,
     pub auth: Auth,
+    pub hub: Hub,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    pub realtime: RealtimeConfig,
+    /// Connections this instance accepts at once.
+    pub max_connections: usize,
+    /// Cancelled when the instance starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Tasks that outlive their request (WebSocket sessions), awaited at shutdown.
+    pub tasks: TaskTracker,
 }
 
 /// Why an instance could not start.
@@ -26,18 +45,31 @@ pub enum StartError {
 }
 
 impl AppState {
-    /// Opens the ledger (running migrations) and sets up authentication.
+    /// Opens the ledger (running migrations), sets up authentication and the live hub.
     ///
     /// # Errors
     /// When the database cannot be opened or the dev secret cannot be kept.
     pub async fn new(config: Config) -> Result<Self, StartError> {
         let auth = Auth::new(&config)?;
         let store = Store::connect(&config.database_url).await?;
+        let metrics = Metrics::default();
+        let hub = Hub::new(config.realtime.limits, metrics.clone());
+        let bus = Bus::local(hub.clone(), metrics.clone());
+        let max_connections = config
+            .max_connections
+            .unwrap_or_else(listener::connection_capacity);
         Ok(Self {
             leptos: config.leptos.clone(),
+            realtime: config.realtime,
             config: Arc::new(config),
             store,
             auth,
+            hub,
+            bus,
+            metrics,
+            max_connections,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         })
     }
 }

@@ -35,18 +35,22 @@ async fn create(
         metadata: request.metadata.unwrap_or_default(),
         idempotency_key: request.idempotency_key,
     };
-    Ok(respond(state.store.apply(&change).await?))
+    apply(&state, &change).await
 }
 
-/// 201 with the event for a new change; 200 with `Idempotent-Replayed: true` for a replay.
-pub fn respond(applied: Applied) -> Response {
-    match applied {
-        Applied::New(event) => (StatusCode::CREATED, Json::<BalanceEvent>(event)).into_response(),
+/// Applies `change`, publishes it once committed, and answers: 201 with the event for a new
+/// change, 200 with `Idempotent-Replayed: true` (and nothing published) for a replay.
+pub async fn apply(state: &AppState, change: &NewChange) -> Result<Response, ApiError> {
+    Ok(match state.store.apply(change).await? {
+        Applied::New(event) => {
+            state.bus.publish(event.clone());
+            (StatusCode::CREATED, Json::<BalanceEvent>(event)).into_response()
+        }
         Applied::Replayed(event) => (
             StatusCode::OK,
             [(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"))],
             Json(event),
         )
             .into_response(),
-    }
+    })
 }

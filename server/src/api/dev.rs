@@ -9,7 +9,7 @@ use axum_extra::extract::{
 };
 use chrono::Duration;
 
-use super::changes::respond;
+use super::changes::apply;
 use crate::{
     AppState,
     auth::{AuthUser, SESSION_COOKIE},
@@ -63,5 +63,5 @@ async fn credits(
         metadata: request.metadata.unwrap_or_default(),
         idempotency_key: None,
     };
-    Ok(respond(state.store.apply(&change).await?))
+    apply(&state, &change).await
 }

@@ -1,0 +1,165 @@
+//! Prometheus metrics of one instance, served as text at `GET /metrics`: open connections by
+//! transport, events published and delivered, the commit→send delay, refusals by reason.
+
+use std::sync::Arc;
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use chrono::Utc;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{AppState, realtime::hub::Transport};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The instance's metrics; cheap to clone, safe to update from any task.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    connections: Family<TransportLabel, Gauge>,
+    published: Counter,
+    delivered: Family<TransportLabel, Counter>,
+    delay: Histogram,
+    refusals: Family<ReasonLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("livecredits");
+        let connections = Family::<TransportLabel, Gauge>::default();
+        let published = Counter::default();
+        let delivered = Family::<TransportLabel, Counter>::default();
+        // 0.25 ms to ~4 s: the targets are milliseconds, the tail must still be visible.
+        let delay = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
+        let refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections",
+            "Open connections by transport",
+            connections.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Committed changes handed to the bus by this instance",
+            published.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Balance events sent to clients, by transport",
+            delivered.clone(),
+        );
+        registry.register(
+            "delivery_delay_seconds",
+            "Time from a change's commit to its send to a client",
+            delay.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Refused requests and connections, by reason",
+            refusals.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                connections,
+                published,
+                delivered,
+                delay,
+                refusals,
+            }),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn opened(&self, transport: Transport) {
+        self.connection_gauge(transport).inc();
+    }
+
+    pub fn closed(&self, transport: Transport) {
+        self.connection_gauge(transport).dec();
+    }
+
+    fn connection_gauge(&self, transport: Transport) -> Gauge {
+        self.inner
+            .connections
+            .get_or_create(&TransportLabel {
+                transport: transport.name(),
+            })
+            .clone()
+    }
+
+    /// Open connections across all transports.
+    pub fn open_connections(&self) -> i64 {
+        [Transport::WebSocket, Transport::Sse, Transport::Poll]
+            .into_iter()
+            .map(|transport| self.connection_gauge(transport).get())
+            .sum()
+    }
+
+    pub fn published(&self) {
+        self.inner.published.inc();
+    }
+
+    /// Counts one event sent over `transport` and its delay since the commit at `committed`.
+    pub fn delivered(&self, transport: Transport, committed: Option<chrono::DateTime<Utc>>) {
+        self.inner
+            .delivered
+            .get_or_create(&TransportLabel {
+                transport: transport.name(),
+            })
+            .inc();
+        if let Some(committed) = committed {
+            let delay = (Utc::now() - committed).as_seconds_f64().max(0.0);
+            self.inner.delay.observe(delay);
+        }
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.inner
+            .refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.inner.registry);
+        text
+    }
+}
+
+/// `GET /metrics`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,310 @@
+//! Who is connected on this instance, per user, across every transport. The bus delivers each
+//! committed change here once; every connection of that user gets it from its subscription.
+//!
+//! Each connected user has one bounded `broadcast` channel, created by the first subscription
+//! and removed with the last, so a user with no open connection costs nothing. A connection
+//! that falls behind skips to the newest event (balances are absolute), never buffers.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+
+use super::Update;
+use crate::metrics::Metrics;
+
+/// Events buffered per user before a slow connection is coalesced to the newest.
+const USER_BACKLOG: usize = 16;
+
+/// The transport a subscription serves; live ones (WebSocket, SSE) and long-polls have
+/// separate per-user limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+    Poll,
+}
+
+impl Transport {
+    /// The label used in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::Sse => "sse",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+/// Per-user connection limits (SPEC §5).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// WebSocket and SSE connections together.
+    pub live_per_user: usize,
+    /// Concurrent long-polls.
+    pub polls_per_user: usize,
+}
+
+/// A subscription was refused because the user already has as many as allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("too many {transport} connections for this user (limit {limit})")]
+pub struct TooMany {
+    pub transport: &'static str,
+    pub limit: usize,
+}
+
+/// The hub of one instance; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // A std mutex: every critical section is a map operation or a non-blocking send.
+    users: Mutex<HashMap<String, UserEntry>>,
+    limits: Limits,
+    metrics: Metrics,
+}
+
+struct UserEntry {
+    sender: broadcast::Sender<Arc<Update>>,
+    live: usize,
+    polls: usize,
+}
+
+impl Hub {
+    /// An empty hub enforcing `limits`.
+    pub fn new(limits: Limits, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                users: Mutex::default(),
+                limits,
+                metrics,
+            }),
+        }
+    }
+
+    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<String, UserEntry>> {
+        self.inner.users.lock().expect("hub lock poisoned")
+    }
+
+    /// Subscribes a new connection of `user_id`. Subscribe *before* reading the snapshot, so
+    /// no change can fall between the two.
+    ///
+    /// # Errors
+    /// `TooMany` when the user is at the limit for this kind of transport.
+    pub fn subscribe(&self, user_id: &str, transport: Transport) -> Result<Subscription, TooMany> {
+        let mut users = self.users();
+        let entry = users
+            .entry(user_id.to_owned())
+            .or_insert_with(|| UserEntry {
+                sender: broadcast::channel(USER_BACKLOG).0,
+                live: 0,
+                polls: 0,
+            });
+        let (count, limit) = match transport {
+            Transport::Poll => (&mut entry.polls, self.inner.limits.polls_per_user),
+            Transport::WebSocket | Transport::Sse => {
+                (&mut entry.live, self.inner.limits.live_per_user)
+            }
+        };
+        if *count >= limit {
+            if entry.live + entry.polls == 0 {
+                users.remove(user_id);
+            }
+            self.inner.metrics.refused("too_many_connections");
+            return Err(TooMany {
+                transport: transport.name(),
+                limit,
+            });
+        }
+        *count += 1;
+        let receiver = entry.sender.subscribe();
+        self.inner.metrics.opened(transport);
+        Ok(Subscription {
+            hub: self.clone(),
+            user_id: user_id.to_owned(),
+            transport,
+            receiver,
+            last_version: 0,
+        })
+    }
+
+    /// Hands a committed change to every local connection of its user; a user with no
+    /// connection here costs one map lookup.
+    pub fn deliver(&self, update: Arc<Update>) {
+        let users = self.users();
+        if let Some(entry) = users.get(&update.event.user_id) {
+            // An error only means every receiver is gone, which the last drop cleans up.
+            let _ = entry.sender.send(update);
+        }
+    }
+
+    /// The users with at least one connection here, for re-sending snapshots after a bus
+    /// outage.
+    pub fn connected_users(&self) -> Vec<String> {
+        self.users().keys().cloned().collect()
+    }
+
+    /// How many users have a connection here.
+    pub fn user_count(&self) -> usize {
+        self.users().len()
+    }
+
+    fn release(&self, user_id: &str, transport: Transport) {
+        let mut users = self.users();
+        if let Some(entry) = users.get_mut(user_id) {
+            match transport {
+                Transport::Poll => entry.polls -= 1,
+                Transport::WebSocket | Transport::Sse => entry.live -= 1,
+            }
+            if entry.live + entry.polls == 0 {
+                users.remove(user_id);
+            }
+        }
+        self.inner.metrics.closed(transport);
+    }
+}
+
+/// One connection's view of its user's changes; dropping it unsubscribes.
+pub struct Subscription {
+    hub: Hub,
+    user_id: String,
+    transport: Transport,
+    receiver: broadcast::Receiver<Arc<Update>>,
+    last_version: i64,
+}
+
+impl Subscription {
+    /// Records that the connection already has `version` (e.g. from the snapshot), so
+    /// nothing at or below it is sent again.
+    pub fn sent(&mut self, version: i64) {
+        self.last_version = self.last_version.max(version);
+    }
+
+    /// The version this connection has seen last.
+    pub fn last_version(&self) -> i64 {
+        self.last_version
+    }
+
+    /// The next change newer than anything this connection has seen. After falling behind,
+    /// the backlog is skipped to its newest event.
+    pub async fn next(&mut self) -> Option<Arc<Update>> {
+        loop {
+            let update = match self.receiver.recv().await {
+                Ok(update) => update,
+                Err(RecvError::Lagged(_)) => match self.newest_buffered() {
+                    Some(update) => update,
+                    None => continue,
+                },
+                Err(RecvError::Closed) => return None,
+            };
+            if update.event.version > self.last_version {
+                self.last_version = update.event.version;
+                return Some(update);
+            }
+        }
+    }
+
+    fn newest_buffered(&mut self) -> Option<Arc<Update>> {
+        let mut newest = None;
+        loop {
+            match self.receiver.try_recv() {
+                Ok(update) => newest = Some(update),
+                Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return newest,
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.release(&self.user_id, self.transport);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use app::wire::{BalanceEvent, BalanceSnapshot};
+
+    fn hub(live: usize, polls: usize) -> Hub {
+        Hub::new(
+            Limits {
+                live_per_user: live,
+                polls_per_user: polls,
+            },
+            Metrics::default(),
+        )
+    }
+
+    fn update(user: &str, version: i64) -> Arc<Update> {
+        Arc::new(Update::new(BalanceEvent::snapshot(BalanceSnapshot {
+            user_id: user.into(),
+            balance: version * 10,
+            version,
+            updated_at: None,
+        })))
+    }
+
+    /// Each connection of a user gets each change once; other users get nothing.
+    #[tokio::test]
+    async fn fan_out_per_user() {
+        let hub = hub(4, 4);
+        let mut a1 = hub.subscribe("a", Transport::WebSocket).unwrap();
+        let mut a2 = hub.subscribe("a", Transport::Sse).unwrap();
+        let mut b = hub.subscribe("b", Transport::WebSocket).unwrap();
+        hub.deliver(update("a", 1));
+        assert_eq!(a1.next().await.unwrap().event.version, 1);
+        assert_eq!(a2.next().await.unwrap().event.version, 1);
+        assert!(b.receiver.try_recv().is_err());
+    }
+
+    /// Versions at or below what a connection has seen are dropped.
+    #[tokio::test]
+    async fn stale_versions_are_dropped() {
+        let hub = hub(4, 4);
+        let mut sub = hub.subscribe("a", Transport::WebSocket).unwrap();
+        sub.sent(5);
+        for version in [3, 5, 6, 4, 7] {
+            hub.deliver(update("a", version));
+        }
+        assert_eq!(sub.next().await.unwrap().event.version, 6);
+        assert_eq!(sub.next().await.unwrap().event.version, 7);
+    }
+
+    /// A connection that falls far behind skips to the newest event.
+    #[tokio::test]
+    async fn lagging_connection_is_coalesced() {
+        let hub = hub(4, 4);
+        let mut sub = hub.subscribe("a", Transport::WebSocket).unwrap();
+        for version in 1..=(USER_BACKLOG as i64 * 3) {
+            hub.deliver(update("a", version));
+        }
+        let first = sub.next().await.unwrap().event.version;
+        assert_eq!(first, USER_BACKLOG as i64 * 3);
+    }
+
+    /// Limits are per user and per kind; a freed slot can be reused; the last drop removes
+    /// the user.
+    #[tokio::test]
+    async fn limits_and_cleanup() {
+        let hub = hub(2, 1);
+        let live: Vec<_> = (0..2)
+            .map(|_| hub.subscribe("a", Transport::WebSocket).unwrap())
+            .collect();
+        assert!(hub.subscribe("a", Transport::Sse).is_err());
+        let poll = hub.subscribe("a", Transport::Poll).unwrap();
+        assert!(hub.subscribe("a", Transport::Poll).is_err());
+        assert!(hub.subscribe("b", Transport::Sse).is_ok());
+        drop(live);
+        assert_eq!(hub.user_count(), 1, "a is kept alive by its poll");
+        drop(poll);
+        assert_eq!(hub.user_count(), 0);
+        assert!(hub.subscribe("c", Transport::Poll).is_ok());
+        assert_eq!(hub.user_count(), 0);
+    }
+}

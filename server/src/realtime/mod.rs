@@ -1,0 +1,128 @@
+//! Live delivery (SPEC §5): the per-instance [`hub`] and three thin transports over it —
+//! [`ws`], [`sse`] and long-polling in [`poll`]. Transports subscribe to the hub, send the
+//! snapshot, then encode each newer event; they never touch the bus or each other.
+
+pub mod hub;
+mod poll;
+mod sse;
+mod ws;
+
+use std::time::Duration;
+
+use app::wire::BalanceEvent;
+use axum::{Router, extract::ws::Utf8Bytes, http::HeaderMap};
+
+use crate::AppState;
+
+/// A committed change as the hub fans it out: the event and its JSON, encoded once for
+/// every connection that sends it.
+#[derive(Debug)]
+pub struct Update {
+    pub event: BalanceEvent,
+    pub json: Utf8Bytes,
+}
+
+impl Update {
+    /// Encodes `event` once.
+    pub fn new(event: BalanceEvent) -> Self {
+        let json = serde_json::to_string(&event).expect("a BalanceEvent always serialises");
+        Self {
+            event,
+            json: json.into(),
+        }
+    }
+}
+
+/// Timings and limits of live connections; the defaults are SPEC §5's.
+#[derive(Clone, Copy, Debug)]
+pub struct RealtimeConfig {
+    /// WebSocket protocol ping interval.
+    pub ping_interval: Duration,
+    /// A WebSocket peer silent this long is closed.
+    pub idle_timeout: Duration,
+    /// SSE comment heartbeat interval.
+    pub sse_heartbeat: Duration,
+    /// Per-user limits.
+    pub limits: hub::Limits,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(45),
+            sse_heartbeat: Duration::from_secs(15),
+            limits: hub::Limits {
+                live_per_user: 32,
+                polls_per_user: 8,
+            },
+        }
+    }
+}
+
+/// `/ws`, `/api/credits/sse` and `/api/credits/balance/poll`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(ws::router())
+        .merge(sse::router())
+        .merge(poll::router())
+}
+
+/// Whether a cookie-authenticated browser request comes from a page allowed to use the
+/// session: the same origin as the request's host, or one listed in `CORS_ORIGINS`.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
+        // Non-browser clients send no Origin; a browser's WebSocket always does.
+        return true;
+    };
+    let same_origin = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|host| origin.split_once("://").map(|(_, rest)| rest == host))
+        .unwrap_or(false);
+    same_origin || allowed.iter().any(|allowed| allowed == origin)
+}
+
+/// The tokio instant at which the wall-clock time `at` arrives (now, if it has passed); used
+/// to end live connections when their token expires.
+fn instant_of(at: chrono::DateTime<chrono::Utc>) -> tokio::time::Instant {
+    let remaining = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::Instant::now() + remaining
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", host.parse().unwrap());
+        if let Some(origin) = origin {
+            headers.insert("origin", origin.parse().unwrap());
+        }
+        headers
+    }
+
+    /// Same origin and listed origins pass; any other site is refused.
+    #[test]
+    fn origin_check() {
+        let allowed = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed(
+            &headers(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"),
+            &allowed
+        ));
+        assert!(origin_allowed(
+            &headers(Some("https://app.example"), "api.example"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("https://evil.example"), "127.0.0.1:3000"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("http://127.0.0.1:3001"), "127.0.0.1:3000"),
+            &allowed
+        ));
+        assert!(origin_allowed(&headers(None, "127.0.0.1:3000"), &allowed));
+    }
+}

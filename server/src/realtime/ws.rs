@@ -1,0 +1,229 @@
+//! `GET /ws`: the snapshot, then one JSON text frame per change; app-level ping/pong,
+//! protocol pings with a dead-peer timeout, and the close codes of `app::wire::close`.
+
+use std::time::Duration;
+
+use app::wire::{ErrorCode, ErrorTag, PongTag, WsClientMsg, WsServerMsg, close};
+use axum::{
+    Router,
+    extract::{
+        State,
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
+    },
+    http::HeaderMap,
+    response::Response,
+    routing::get,
+};
+use tokio::time::{Instant, interval_at, sleep_until};
+
+use super::{
+    Update,
+    hub::{Subscription, Transport},
+    instant_of, origin_allowed,
+};
+use crate::{
+    AppState,
+    auth::{AuthUser, TokenSource, User},
+};
+
+/// Largest client frame; bigger ones close the connection with 1009.
+const MAX_CLIENT_FRAME: usize = 4 * 1024;
+/// Read buffer allocated per connection. Client frames are tiny; tungstenite's 128 KiB
+/// default would cost more than all the rest of an idle connection.
+const READ_BUFFER: usize = 512;
+/// Outgoing bytes queued for a slow reader before sends fail and the connection closes.
+const MAX_WRITE_BUFFER: usize = 64 * 1024;
+/// Malformed or unknown client frames tolerated, each answered with an error frame; the
+/// next one closes with 1008.
+const MAX_BAD_FRAMES: u32 = 3;
+/// A send to a peer that does not read for this long ends the connection.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws", get(upgrade))
+}
+
+/// Authenticates at the handshake (a bad token is a 401 `ApiError`), then upgrades. Refusals
+/// that a browser must be able to read (origin, limits) are sent as close codes instead.
+async fn upgrade(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let upgrade = upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME);
+    if caller.source == TokenSource::Cookie
+        && !origin_allowed(&headers, &state.config.allowed_origins)
+    {
+        state.metrics.refused("forbidden_origin");
+        return upgrade.on_upgrade(|socket| {
+            refuse(socket, close::FORBIDDEN_ORIGIN, "origin not allowed".into())
+        });
+    }
+    let subscription = match state
+        .hub
+        .subscribe(&caller.user.user_id, Transport::WebSocket)
+    {
+        Ok(subscription) => subscription,
+        Err(too_many) => {
+            let reason = too_many.to_string();
+            return upgrade
+                .on_upgrade(move |socket| refuse(socket, close::TOO_MANY_CONNECTIONS, reason));
+        }
+    };
+    let tracker = state.tasks.clone();
+    upgrade.on_upgrade(move |socket| {
+        tracker.track_future(Session::new(socket, state, caller.user, subscription).run())
+    })
+}
+
+async fn refuse(mut socket: WebSocket, code: u16, reason: String) {
+    let _ = socket.send(close_message(code, reason.into())).await;
+}
+
+fn close_message(code: u16, reason: Utf8Bytes) -> Message {
+    Message::Close(Some(CloseFrame { code, reason }))
+}
+
+/// One open WebSocket.
+struct Session {
+    socket: WebSocket,
+    state: AppState,
+    user: User,
+    subscription: Subscription,
+    bad_frames: u32,
+}
+
+/// Why a session ends, and the close frame it sends, if any.
+enum End {
+    Close(u16, &'static str),
+    Silent,
+}
+
+impl Session {
+    fn new(socket: WebSocket, state: AppState, user: User, subscription: Subscription) -> Self {
+        Self {
+            socket,
+            state,
+            user,
+            subscription,
+            bad_frames: 0,
+        }
+    }
+
+    async fn run(mut self) {
+        let end = self.serve().await;
+        if let End::Close(code, reason) = end {
+            let _ = self.socket.send(close_message(code, reason.into())).await;
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        let snapshot = match self.state.store.snapshot(&self.user.user_id).await {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                tracing::warn!(%err, "no snapshot for a new WebSocket");
+                return End::Close(close::TRY_AGAIN_LATER, "ledger unavailable");
+            }
+        };
+        self.subscription.sent(snapshot.version);
+        let first = Update::new(app::wire::BalanceEvent::snapshot(snapshot));
+        if !self.send(Message::Text(first.json)).await {
+            return End::Silent;
+        }
+
+        let timing = self.state.realtime;
+        let mut pings = interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
+        let mut last_heard = Instant::now();
+        let expiry = sleep_until(instant_of(self.user.expires_at));
+        tokio::pin!(expiry);
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                update = self.subscription.next() => {
+                    let Some(update) = update else { return End::Close(close::RESTARTING, "hub closed") };
+                    if !self.send(Message::Text(update.json.clone())).await {
+                        return End::Silent;
+                    }
+                    self.state.metrics.delivered(Transport::WebSocket, update.event.change.as_ref().map(|c| c.created_at));
+                }
+                frame = self.socket.recv() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Some(Ok(message)) => {
+                            if let Some(end) = self.answer(message).await {
+                                return end;
+                            }
+                        }
+                        Some(Err(err)) if is_too_big(&err) => {
+                            return End::Close(close::TOO_BIG, "frames are limited to 4 KiB");
+                        }
+                        Some(Err(_)) | None => return End::Silent,
+                    }
+                }
+                _ = pings.tick() => {
+                    if last_heard.elapsed() > timing.idle_timeout {
+                        return End::Silent;
+                    }
+                    if !self.send(Message::Ping(Default::default())).await {
+                        return End::Silent;
+                    }
+                }
+                () = &mut expiry => return End::Close(close::TOKEN_EXPIRED, "token expired"),
+                () = shutdown.cancelled() => return End::Close(close::RESTARTING, "server restarting"),
+            }
+        }
+    }
+
+    /// Handles one client frame; returns how the session ends, if it must.
+    async fn answer(&mut self, message: Message) -> Option<End> {
+        let reply = match message {
+            Message::Text(text) if serde_json::from_str::<WsClientMsg>(&text).is_ok() => {
+                WsServerMsg::Pong { tag: PongTag::Pong }
+            }
+            Message::Text(_) | Message::Binary(_) => {
+                self.bad_frames += 1;
+                if self.bad_frames > MAX_BAD_FRAMES {
+                    return Some(End::Close(close::POLICY, "repeated malformed frames"));
+                }
+                WsServerMsg::Error {
+                    tag: ErrorTag::Error,
+                    error: ErrorCode::BadJson,
+                    message: r#"expected {"type":"ping"}"#.into(),
+                }
+            }
+            // Protocol pings are answered by the library; pongs only prove the peer lives.
+            Message::Ping(_) | Message::Pong(_) => return None,
+            Message::Close(_) => return Some(End::Silent),
+        };
+        let json = serde_json::to_string(&reply).expect("server frames always serialise");
+        (!self.send(Message::Text(json.into())).await).then_some(End::Silent)
+    }
+
+    async fn send(&mut self, message: Message) -> bool {
+        matches!(
+            tokio::time::timeout(SEND_TIMEOUT, self.socket.send(message)).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
+fn is_too_big(err: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(tungstenite) = cause.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return matches!(
+                tungstenite,
+                tokio_tungstenite::tungstenite::Error::Capacity(_)
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
