@@ -27,7 +27,7 @@ pub fn connection_capacity() -> usize {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
         limit.current = limit.maximum;
-        if let Err(err) = setrlimit(Resource::Nofile, limit.clone()) {
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
             tracing::warn!(%err, "cannot raise the open-files limit");
             limit = getrlimit(Resource::Nofile);
         }

@@ -556,5 +556,6 @@ async fn database_outage_answers_503_then_recovers() {
     proxy.restore().await;
     let back = apply(&state, change("alice", 5, "grant")).await;
     assert_eq!(back.status, 201);
+    assert_eq!(send(&state, get("/readyz", None)).await.status, 200);
     assert_eq!(back.json()["balance"], 10);
 }

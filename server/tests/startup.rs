@@ -1,24 +1,13 @@
 //! The `server` binary as an operator meets it: bad settings stop it with one clear line,
-//! good ones serve until SIGTERM, which ends it cleanly.
+//! good ones serve until SIGTERM, which closes live connections and ends it cleanly.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
 
-/// The built binary with a clean environment, run in an empty folder so no `.env` is read.
-fn server(dir: &tempfile::TempDir, vars: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
-    command
-        .env_clear()
-        .current_dir(dir.path())
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
+use std::time::Duration;
+
+use common::process::{ServerProcess, command};
+use futures::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Each invalid setting exits non-zero with exactly one stderr line naming the variable.
 #[test]
@@ -31,7 +20,7 @@ fn invalid_settings_stop_start_up_with_one_line() {
         ("LIVECREDITS_DEV_LOGIN", "perhaps"),
     ];
     for (var, value) in cases {
-        let output = server(&dir, &[("JWT_SECRET", "s"), (var, value)])
+        let output = command(dir.path(), &[("JWT_SECRET", "s"), (var, value)])
             .output()
             .expect("server runs");
         assert!(!output.status.success(), "{var}={value} must fail");
@@ -46,60 +35,47 @@ fn invalid_settings_stop_start_up_with_one_line() {
 #[test]
 fn missing_secret_stops_start_up() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = server(&dir, &[]).output().expect("server runs");
+    let output = command(dir.path(), &[]).output().expect("server runs");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_SECRET: required"));
 }
 
-/// A valid configuration serves `/healthz`, and SIGTERM ends the process with status 0.
+/// A valid configuration serves `/healthz` and `/readyz`; SIGTERM closes WebSockets with
+/// 1012 and ends the process with status 0 in time.
 #[tokio::test]
 async fn serves_until_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let database = format!("sqlite://{}/db.sqlite", dir.path().display());
-    let mut child = server(
-        &dir,
-        &[
-            ("JWT_SECRET", "s"),
-            ("LEPTOS_SITE_ADDR", "127.0.0.1:0"),
-            ("DATABASE_URL", &database),
-            ("RUST_LOG", "info"),
-            ("NO_COLOR", "1"),
-        ],
-    )
-    .spawn()
-    .expect("server starts");
+    let server = ServerProcess::start(
+        dir.path(),
+        &[("JWT_SECRET", common::SECRET), ("DATABASE_URL", &database)],
+    );
+    let addr = server.addr.clone();
+    for (path, status) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let body: serde_json::Value = reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .expect("answers")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(body["status"], status, "{path}");
+    }
 
-    let stdout = child.stdout.take().expect("piped stdout");
-    let addr = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| {
-            let (_, rest) = line.split_once("listening on http://")?;
-            rest.split_whitespace().next().map(str::to_owned)
-        })
-        .expect("the server announces its address");
-
-    let health: serde_json::Value = reqwest::get(format!("http://{addr}/healthz"))
+    let url = format!("ws://{addr}/ws?token={}", common::user_token("alice"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
-        .expect("healthz answers")
-        .json()
-        .await
-        .expect("JSON");
-    assert_eq!(health["status"], "ok");
+        .expect("WebSocket");
+    let snapshot = ws.next().await.expect("a frame").expect("valid");
+    assert!(snapshot.is_text());
 
-    let pid = child.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status();
-    assert!(killed.expect("kill runs").success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waits") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 10 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    server.terminate();
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("closed in time");
+    let Some(Ok(Message::Close(Some(frame)))) = closed else {
+        panic!("expected a close frame, got {closed:?}");
     };
-    assert!(status.success(), "exit status {status}");
+    assert_eq!(u16::from(frame.code), app::wire::close::RESTARTING);
+    let (status, output) = server.wait(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}: {output}");
 }

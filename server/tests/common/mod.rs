@@ -2,6 +2,9 @@
 //! built in code, tokens, and one-shot requests through the real router.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod live;
+pub mod process;
+
 use std::collections::HashMap;
 
 use axum::{

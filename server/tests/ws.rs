@@ -1,0 +1,297 @@
+//! `/ws` against a real server with a real WebSocket client: snapshot first, exactly-once
+//! fan-out per user, ordering under bursts, ping/pong and bad frames, close codes.
+
+mod common;
+
+use std::time::Duration;
+
+use app::wire::close;
+use common::{
+    TestDb, config,
+    live::{TestServer, close_code, eventually, next_json, send_text, ws_connect, ws_connect_with},
+    now_plus, sign, user_token,
+};
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::json;
+
+async fn server(overrides: &[(&str, &str)]) -> (TestDb, TestServer) {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(config(&db, overrides)).await;
+    (db, server)
+}
+
+/// The first frame is the snapshot; a change reaches every connection of its user exactly
+/// once and no connection of another user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_each_change_once_per_connection() {
+    let (_db, server) = server(&[]).await;
+    server.change("alice", 100).await;
+    let (alice, bob) = (user_token("alice"), user_token("bob"));
+    let mut a1 = ws_connect(&server, &alice).await;
+    let mut a2 = ws_connect(&server, &alice).await;
+    let mut b = ws_connect(&server, &bob).await;
+    for ws in [&mut a1, &mut a2] {
+        let snapshot = next_json(ws).await;
+        assert_eq!(snapshot["type"], "balance");
+        assert_eq!(
+            (snapshot["balance"].as_i64(), snapshot["version"].as_i64()),
+            (Some(100), Some(1))
+        );
+        assert_eq!(snapshot["change"], json!(null));
+    }
+    assert_eq!(next_json(&mut b).await["balance"], 0);
+
+    server.change("alice", 5).await;
+    for ws in [&mut a1, &mut a2] {
+        let event = next_json(ws).await;
+        assert_eq!(
+            (event["balance"].as_i64(), event["version"].as_i64()),
+            (Some(105), Some(2))
+        );
+        assert_eq!(event["change"]["amount"], 5);
+    }
+    // Exactly once: the next frame on each is the pong to our ping, not a repeat.
+    for ws in [&mut a1, &mut a2, &mut b] {
+        send_text(ws, r#"{"type":"ping"}"#).await;
+        assert_eq!(next_json(ws).await, json!({"type": "pong"}));
+    }
+}
+
+/// 200 rapid changes arrive in strictly increasing versions ending at the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_arrive_in_order() {
+    let (_db, server) = server(&[]).await;
+    let mut ws = ws_connect(&server, &user_token("carol")).await;
+    assert_eq!(next_json(&mut ws).await["version"], 0);
+    let writer = {
+        let http = server.http.clone();
+        let url = server.url("/api/credits/changes");
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(common::SERVICE_KEY)
+                    .json(&json!({"user_id": "carol", "amount": 1, "type": "grant"}))
+                    .send()
+                    .await
+                    .expect("change");
+                assert_eq!(response.status(), 201);
+            }
+        })
+    };
+    let mut last = 0;
+    while last < 200 {
+        let event = next_json(&mut ws).await;
+        let version = event["version"].as_i64().expect("version");
+        assert!(version > last, "version {version} after {last}");
+        assert_eq!(
+            event["balance"].as_i64(),
+            Some(version),
+            "balance matches version"
+        );
+        last = version;
+    }
+    writer.await.expect("writer");
+}
+
+/// `ping` gets `pong`; malformed frames get error frames, then a 1008 close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_bad_frames() {
+    let (_db, server) = server(&[]).await;
+    let mut ws = ws_connect(&server, &user_token("dave")).await;
+    next_json(&mut ws).await;
+    send_text(&mut ws, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "pong"}));
+    for bad in ["not json", r#"{"type":"subscribe"}"#, "[]"] {
+        send_text(&mut ws, bad).await;
+        let error = next_json(&mut ws).await;
+        assert_eq!(
+            (error["type"].as_str(), error["error"].as_str()),
+            (Some("error"), Some("bad_json"))
+        );
+    }
+    send_text(&mut ws, "again").await;
+    assert_eq!(close_code(&mut ws).await, Some(close::POLICY));
+}
+
+/// A frame over 4 KiB closes the connection with 1009.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_closes_1009() {
+    let (_db, server) = server(&[]).await;
+    let mut ws = ws_connect(&server, &user_token("erin")).await;
+    next_json(&mut ws).await;
+    send_text(&mut ws, &"x".repeat(5000)).await;
+    assert_eq!(close_code(&mut ws).await, Some(close::TOO_BIG));
+}
+
+/// A token that expires during the connection ends it with 4001 within a second of `exp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_closes_4001() {
+    let (_db, server) = server(&[]).await;
+    let token = sign(
+        json!({"sub": "frank", "exp": now_plus(2)}),
+        Algorithm::HS256,
+        &EncodingKey::from_secret(common::SECRET.as_bytes()),
+    );
+    let mut ws = ws_connect(&server, &token).await;
+    next_json(&mut ws).await;
+    let started = std::time::Instant::now();
+    assert_eq!(close_code(&mut ws).await, Some(close::TOKEN_EXPIRED));
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+/// With the session cookie, another site's Origin is closed with 4003; the app's own origin
+/// and configured origins are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_auth_checks_origin() {
+    let (_db, server) = server(&[("CORS_ORIGINS", "https://app.example")]).await;
+    let cookie = format!("livecredits_session={}", user_token("gina"));
+    let own = format!("http://{}", server.addr);
+    for (origin, expect_served) in [
+        (own.as_str(), true),
+        ("https://app.example", true),
+        ("https://evil.example", false),
+    ] {
+        let mut ws =
+            ws_connect_with(&server, "/ws", &[("cookie", &cookie), ("origin", origin)]).await;
+        if expect_served {
+            assert_eq!(next_json(&mut ws).await["user_id"], "gina", "{origin}");
+        } else {
+            assert_eq!(
+                close_code(&mut ws).await,
+                Some(close::FORBIDDEN_ORIGIN),
+                "{origin}"
+            );
+        }
+    }
+}
+
+/// A bad token at the handshake is a 401 `ApiError`, not an upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_token_is_401_at_handshake() {
+    let (_db, server) = server(&[]).await;
+    let response = server
+        .http
+        .get(server.url("/ws?token=garbage"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = response.json().await.expect("ApiError");
+    assert_eq!(body["error"], "unauthorized");
+}
+
+/// The 33rd live connection of a user is closed with 4029; the other 32 keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_per_user() {
+    let (_db, server) = server(&[]).await;
+    let token = user_token("hank");
+    let mut open = Vec::new();
+    for _ in 0..32 {
+        let mut ws = ws_connect(&server, &token).await;
+        next_json(&mut ws).await;
+        open.push(ws);
+    }
+    let mut refused = ws_connect(&server, &token).await;
+    assert_eq!(
+        close_code(&mut refused).await,
+        Some(close::TOO_MANY_CONNECTIONS)
+    );
+    server.change("hank", 7).await;
+    for ws in &mut open {
+        assert_eq!(next_json(ws).await["balance"], 7);
+    }
+}
+
+/// A peer that stops answering protocol pings is dropped after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_is_dropped() {
+    let db = TestDb::sqlite();
+    let mut config = config(&db, &[]);
+    config.realtime.ping_interval = Duration::from_millis(100);
+    config.realtime.idle_timeout = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut ws = ws_connect(&server, &user_token("ivy")).await;
+    next_json(&mut ws).await;
+    // Not reading means not answering pings; the server gives up on us.
+    let dropped = eventually(Duration::from_secs(3), || {
+        server.state.hub.user_count() == 0
+    })
+    .await;
+    assert!(dropped, "the hub still holds the silent peer");
+    drop(ws);
+}
+
+/// Stopping the server closes live WebSockets with 1012 and `run` returns in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_1012() {
+    let (_db, mut server) = server(&[]).await;
+    let mut ws = ws_connect(&server, &user_token("jack")).await;
+    next_json(&mut ws).await;
+    server.signal_stop();
+    assert_eq!(close_code(&mut ws).await, Some(close::RESTARTING));
+    server.stop().await;
+}
+
+/// After 1,000 connect/disconnect cycles the hub holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_forgets_closed_connections() {
+    let (_db, server) = server(&[]).await;
+    for i in 0..1_000 {
+        let mut ws = ws_connect(&server, &user_token(&format!("user-{}", i % 50))).await;
+        next_json(&mut ws).await;
+        ws.close(None).await.expect("close");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || server.state.hub.user_count()
+            == 0)
+        .await
+    );
+    assert_eq!(server.state.metrics.open_connections(), 0);
+}
+
+/// `/metrics` counts open connections, published and delivered events, the delivery delay
+/// and refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_delivery() {
+    let db = TestDb::sqlite();
+    let mut config = config(&db, &[]);
+    config.realtime.limits.live_per_user = 1;
+    let server = TestServer::start(config).await;
+    let token = user_token("kim");
+    let mut ws = ws_connect(&server, &token).await;
+    next_json(&mut ws).await;
+    let mut refused = ws_connect(&server, &token).await;
+    assert_eq!(
+        close_code(&mut refused).await,
+        Some(close::TOO_MANY_CONNECTIONS)
+    );
+    server.change("kim", 3).await;
+    next_json(&mut ws).await;
+
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        r#"livecredits_connections{transport="websocket"} 1"#,
+        "livecredits_events_published_total 1",
+        r#"livecredits_events_delivered_total{transport="websocket"} 1"#,
+        "livecredits_delivery_delay_seconds_count 1",
+        r#"livecredits_refusals_total{reason="too_many_connections"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+}
