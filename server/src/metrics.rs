@@ -41,6 +41,7 @@ struct Inner {
     delivered: Family<TransportLabel, Counter>,
     delay: Histogram,
     refusals: Family<ReasonLabel, Counter>,
+    redis_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -77,6 +78,12 @@ impl Default for Metrics {
             "Refused requests and connections, by reason",
             refusals.clone(),
         );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_connects",
+            "Successful (re)connections of the Redis subscriber",
+            redis_reconnects.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -85,6 +92,7 @@ impl Default for Metrics {
                 delivered,
                 delay,
                 refusals,
+                redis_reconnects,
             }),
         }
     }
@@ -139,6 +147,10 @@ impl Metrics {
             .refusals
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    pub fn redis_reconnected(&self) {
+        self.inner.redis_reconnects.inc();
     }
 
     fn render(&self) -> String {

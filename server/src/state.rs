@@ -9,7 +9,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     Config,
     auth::Auth,
-    bus::Bus,
+    bus::{Bus, RedisSettings},
     listener,
     metrics::Metrics,
     realtime::{RealtimeConfig, hub::Hub},
@@ -42,6 +42,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("LIVECREDITS_DATA_DIR: cannot keep the dev secret: {0}")]
     DevSecret(#[from] std::io::Error),
+    #[error("REDIS_URL: {0}")]
+    Redis(#[from] fred::error::Error),
 }
 
 impl AppState {
@@ -54,7 +56,24 @@ impl AppState {
         let store = Store::connect(&config.database_url).await?;
         let metrics = Metrics::default();
         let hub = Hub::new(config.realtime.limits, metrics.clone());
-        let bus = Bus::local(hub.clone(), metrics.clone());
+        let shutdown = CancellationToken::new();
+        let bus = match &config.redis_url {
+            None => Bus::local(hub.clone(), metrics.clone()),
+            Some(url) => {
+                let settings = RedisSettings {
+                    url,
+                    password: config.redis_password.as_deref(),
+                    channel_prefix: &config.channel_prefix,
+                };
+                Bus::redis(
+                    &settings,
+                    hub.clone(),
+                    store.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )?
+            }
+        };
         let max_connections = config
             .max_connections
             .unwrap_or_else(listener::connection_capacity);
@@ -68,7 +87,7 @@ impl AppState {
             bus,
             metrics,
             max_connections,
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         })
     }

@@ -43,7 +43,7 @@ async fn create(
 pub async fn apply(state: &AppState, change: &NewChange) -> Result<Response, ApiError> {
     Ok(match state.store.apply(change).await? {
         Applied::New(event) => {
-            state.bus.publish(event.clone());
+            state.bus.publish(event.clone()).await;
             (StatusCode::CREATED, Json::<BalanceEvent>(event)).into_response()
         }
         Applied::Replayed(event) => (

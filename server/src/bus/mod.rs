@@ -1,17 +1,24 @@
 //! The event bus: carries every committed change to the hub of every instance.
 //!
 //! Delivery contract: `publish` is called once per committed change, after the commit. This
-//! instance's hub gets the event directly, so its own clients see their changes whatever
-//! happens to any link between instances; a cross-instance backend also forwards it to the
-//! other instances, whose hubs drop anything not newer than what each connection has.
+//! instance's hub gets the event first and directly, so its own clients see their changes
+//! whatever happens to the link between instances; with Redis configured the event is also
+//! published to the other instances, whose hubs drop anything not newer than what each
+//! connection already has. Transports only ever talk to the hub.
+
+mod redis;
 
 use std::sync::Arc;
 
 use app::wire::BalanceEvent;
+use tokio_util::sync::CancellationToken;
 
+use self::redis::RedisLink;
+pub use self::redis::Settings as RedisSettings;
 use crate::{
     metrics::Metrics,
     realtime::{Update, hub::Hub},
+    store::Store,
 };
 
 /// The bus of one instance; cheap to clone.
@@ -19,22 +26,54 @@ use crate::{
 pub struct Bus {
     hub: Hub,
     metrics: Metrics,
+    redis: Option<Arc<RedisLink>>,
 }
 
 impl Bus {
     /// The in-process bus of a single instance (`REDIS_URL` unset).
     pub fn local(hub: Hub, metrics: Metrics) -> Self {
-        Self { hub, metrics }
+        Self {
+            hub,
+            metrics,
+            redis: None,
+        }
     }
 
-    /// Hands a committed change to every connection of its user.
-    pub fn publish(&self, event: BalanceEvent) {
+    /// A bus that also links this instance to the others through Redis. Connecting happens
+    /// in the background; until it succeeds the instance is degraded, not down.
+    ///
+    /// # Errors
+    /// When the Redis URL cannot be parsed.
+    pub fn redis(
+        settings: &RedisSettings<'_>,
+        hub: Hub,
+        store: Store,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Result<Self, fred::error::Error> {
+        let link = RedisLink::start(settings, hub.clone(), store, metrics.clone(), shutdown)?;
+        Ok(Self {
+            hub,
+            metrics,
+            redis: Some(link),
+        })
+    }
+
+    /// Hands a committed change to every connection of its user, here and elsewhere.
+    pub async fn publish(&self, event: BalanceEvent) {
         self.metrics.published();
-        self.hub.deliver(Arc::new(Update::new(event)));
+        let update = Arc::new(Update::new(event));
+        self.hub.deliver(Arc::clone(&update));
+        if let Some(redis) = &self.redis {
+            redis.publish(&update).await;
+        }
     }
 
-    /// Why delivery is degraded right now; empty when healthy. The in-process bus never is.
+    /// Why delivery is degraded right now; empty when healthy.
     pub fn degraded_reasons(&self) -> Vec<&'static str> {
-        Vec::new()
+        match &self.redis {
+            Some(redis) if !redis.is_healthy() => vec!["redis"],
+            _ => Vec::new(),
+        }
     }
 }

@@ -134,6 +134,27 @@ impl Store {
         })
     }
 
+    /// The current balances of `user_ids` that have an account, in one query; used to heal
+    /// connections after a bus outage.
+    ///
+    /// # Errors
+    /// `Unavailable` or `Database`.
+    pub async fn snapshots(&self, user_ids: &[String]) -> Result<Vec<BalanceSnapshot>, StoreError> {
+        let rows = match &self.backend {
+            Backend::Sqlite(db) => db.accounts(user_ids).await?,
+            Backend::Postgres(db) => db.accounts(user_ids).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, balance, version, updated_at)| BalanceSnapshot {
+                user_id,
+                balance,
+                version,
+                updated_at,
+            })
+            .collect())
+    }
+
     /// Applies one change atomically: validate, check the idempotency key, append the ledger
     /// row, update the account to the new balance and `version + 1`.
     ///
@@ -222,3 +243,5 @@ impl LedgerRow {
 
 /// An account row: balance, version, updated_at.
 type AccountRow = (i64, i64, Option<DateTime<Utc>>);
+/// An account row with its user: user_id, balance, version, updated_at.
+type NamedAccountRow = (String, i64, i64, Option<DateTime<Utc>>);

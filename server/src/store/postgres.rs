@@ -9,7 +9,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use super::{AccountRow, LedgerRow, StoreError, ledger::LedgerTx};
+use super::{AccountRow, LedgerRow, NamedAccountRow, StoreError, ledger::LedgerTx};
 
 /// Connections per instance.
 const POOL_SIZE: u32 = 16;
@@ -47,6 +47,19 @@ impl Db {
         )
         .bind(user_id)
         .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub(super) async fn accounts(
+        &self,
+        user_ids: &[String],
+    ) -> Result<Vec<NamedAccountRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT user_id, balance, version, updated_at FROM credit_accounts \
+             WHERE user_id = ANY($1)",
+        )
+        .bind(user_ids)
+        .fetch_all(&self.pool)
         .await?)
     }
 

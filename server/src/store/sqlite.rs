@@ -9,7 +9,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
-use super::{AccountRow, LedgerRow, StoreError, ledger::LedgerTx};
+use super::{AccountRow, LedgerRow, NamedAccountRow, StoreError, ledger::LedgerTx};
 
 /// How long a writer waits for another process's write lock before giving up (→ 503).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,6 +65,22 @@ impl Db {
         )
         .bind(user_id)
         .fetch_optional(&self.reader)
+        .await?)
+    }
+
+    pub(super) async fn accounts(
+        &self,
+        user_ids: &[String],
+    ) -> Result<Vec<NamedAccountRow>, StoreError> {
+        // One statement for any number of ids: the list travels as a JSON array.
+        let ids =
+            serde_json::to_string(user_ids).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        Ok(sqlx::query_as(
+            "SELECT user_id, balance, version, updated_at FROM credit_accounts \
+             WHERE user_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
+        .fetch_all(&self.reader)
         .await?)
     }
 

@@ -1,0 +1,363 @@
+//! Two real server processes sharing one PostgreSQL database and one Redis: changes made
+//! through either reach every client on both, and a Redis outage heals by itself.
+
+mod common;
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{SERVICE_KEY, TestDb, process::ServerProcess, user_token};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn redis_url() -> String {
+    std::env::var("LIVECREDITS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Two instances on one database and one Redis channel prefix of this test's own.
+struct Pair {
+    a: ServerProcess,
+    b: ServerProcess,
+    http: reqwest::Client,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl Pair {
+    fn start(db: &TestDb, redis: &str) -> Self {
+        let database = match &db.url {
+            server::config::DatabaseUrl::Postgres(url) => url.clone(),
+            server::config::DatabaseUrl::Sqlite(_) => unreachable!("PostgreSQL"),
+        };
+        let prefix = format!("test-{}", uuid::Uuid::now_v7().simple());
+        let vars = [
+            ("JWT_SECRET", common::SECRET),
+            ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY),
+            ("DATABASE_URL", database.as_str()),
+            ("REDIS_URL", redis),
+            ("REDIS_CHANNEL_PREFIX", prefix.as_str()),
+        ];
+        let dirs = [
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        ];
+        Self {
+            a: ServerProcess::start(dirs[0].path(), &vars),
+            b: ServerProcess::start(dirs[1].path(), &vars),
+            http: reqwest::Client::new(),
+            _dirs: dirs,
+        }
+    }
+
+    async fn change(&self, via: &ServerProcess, user: &str, amount: i64) -> Value {
+        let response = self
+            .http
+            .post(format!("http://{}/api/credits/changes", via.addr))
+            .bearer_auth(SERVICE_KEY)
+            .json(&json!({"user_id": user, "amount": amount, "type": "grant"}))
+            .send()
+            .await
+            .expect("change");
+        assert_eq!(response.status(), 201);
+        response.json().await.expect("event")
+    }
+
+    async fn readiness(&self, instance: &ServerProcess) -> String {
+        let body: Value = self
+            .http
+            .get(format!("http://{}/readyz", instance.addr))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("JSON");
+        body["status"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Waits until both instances report `status`.
+    async fn both_become(&self, status: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (a, b) = (self.readiness(&self.a).await, self.readiness(&self.b).await);
+            if a == status && b == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readiness {a}/{b}, expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn ws(instance: &ServerProcess, user: &str) -> Ws {
+    let url = format!("ws://{}/ws?token={}", instance.addr, user_token(user));
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("WebSocket")
+        .0
+}
+
+/// The next balance event within `limit`.
+async fn next_event(ws: &mut Ws, limit: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(text) = frame {
+            return serde_json::from_str(&text).ok();
+        }
+    }
+}
+
+async fn versions_until(ws: &mut Ws, last: i64) -> Vec<i64> {
+    let mut seen = Vec::new();
+    while seen.last() != Some(&last) {
+        let event = next_event(ws, Duration::from_secs(5))
+            .await
+            .expect("event in time");
+        seen.push(event["version"].as_i64().expect("version"));
+    }
+    seen
+}
+
+/// A change through A reaches WebSocket, SSE and long-poll clients on B within a second,
+/// and clients of one user on A and B see every change once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_clients_on_the_other_instance() {
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &redis_url());
+    pair.both_become("ready", Duration::from_secs(10)).await;
+
+    let mut on_b = ws(&pair.b, "alice").await;
+    let mut on_a = ws(&pair.a, "alice").await;
+    assert_eq!(
+        next_event(&mut on_b, Duration::from_secs(5))
+            .await
+            .expect("snapshot")["version"],
+        0
+    );
+    next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+    let mut sse = pair
+        .http
+        .get(format!("http://{}/api/credits/sse", pair.b.addr))
+        .bearer_auth(user_token("alice"))
+        .send()
+        .await
+        .expect("SSE");
+
+    let sent = Instant::now();
+    pair.change(&pair.a, "alice", 10).await;
+    let event = next_event(&mut on_b, Duration::from_secs(1))
+        .await
+        .expect("within 1 s on B");
+    assert_eq!(
+        (event["balance"].as_i64(), event["version"].as_i64()),
+        (Some(10), Some(1))
+    );
+    let mut sse_text = String::new();
+    while !sse_text.contains("\"version\":1") {
+        let chunk = tokio::time::timeout(Duration::from_secs(1), sse.chunk())
+            .await
+            .expect("SSE within 1 s")
+            .expect("readable")
+            .expect("open");
+        sse_text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    }
+    assert!(sent.elapsed() < Duration::from_secs(2));
+
+    let poll = {
+        let http = pair.http.clone();
+        let url = format!(
+            "http://{}/api/credits/balance/poll?version=1&wait=10",
+            pair.b.addr
+        );
+        tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(user_token("alice"))
+                .send()
+                .await
+                .expect("poll")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pair.change(&pair.a, "alice", 1).await;
+    let woke = tokio::time::timeout(Duration::from_secs(1), poll)
+        .await
+        .expect("poll wakes")
+        .expect("poller");
+    assert_eq!(woke["version"], 2);
+
+    for i in 0..20 {
+        let via = if i % 2 == 0 { &pair.a } else { &pair.b };
+        pair.change(via, "alice", 1).await;
+    }
+    let expected: Vec<i64> = (1..=22).collect();
+    assert_eq!(versions_until(&mut on_a, 22).await, expected);
+    // B already read version 1 above.
+    assert_eq!(versions_until(&mut on_b, 22).await, expected[1..]);
+}
+
+/// 2 × 200 concurrent changes through both instances give the exact total, and clients on
+/// both end on the final version with versions only increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_through_both_instances() {
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &redis_url());
+    pair.both_become("ready", Duration::from_secs(10)).await;
+    let mut on_a = ws(&pair.a, "bob").await;
+    let mut on_b = ws(&pair.b, "bob").await;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..400_i64 {
+        let http = pair.http.clone();
+        let addr = if i % 2 == 0 {
+            pair.a.addr.clone()
+        } else {
+            pair.b.addr.clone()
+        };
+        tasks.spawn(async move {
+            let response = http
+                .post(format!("http://{addr}/api/credits/changes"))
+                .bearer_auth(SERVICE_KEY)
+                .json(&json!({"user_id": "bob", "amount": i + 1, "type": "grant"}))
+                .send()
+                .await
+                .expect("change");
+            assert_eq!(response.status(), 201);
+        });
+    }
+    tasks.join_all().await;
+
+    for ws in [&mut on_a, &mut on_b] {
+        let versions = versions_until(ws, 400).await;
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "versions only increase"
+        );
+    }
+    let balance: Value = pair
+        .http
+        .get(format!("http://{}/api/credits/balance", pair.b.addr))
+        .bearer_auth(user_token("bob"))
+        .send()
+        .await
+        .expect("balance")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(balance["balance"], (1..=400).sum::<i64>());
+    assert_eq!(balance["version"], 400);
+}
+
+/// A Redis server owned by this test, on a port of its own.
+struct OwnRedis {
+    port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (make test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child }
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With Redis down, changes still commit and reach the instance's own clients and both
+/// instances report `degraded`; when Redis returns, the other instance's clients get the
+/// balance they missed within 10 s and receive new changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_degrades_then_heals() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let redis = OwnRedis::start(port);
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &format!("redis://127.0.0.1:{port}"));
+    pair.both_become("ready", Duration::from_secs(10)).await;
+    let mut on_a = ws(&pair.a, "carol").await;
+    let mut on_b = ws(&pair.b, "carol").await;
+    next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+    next_event(&mut on_b, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+
+    let port = redis.stop();
+    pair.both_become("degraded", Duration::from_secs(5)).await;
+    let event = pair.change(&pair.a, "carol", 25).await;
+    assert_eq!(
+        event["balance"], 25,
+        "the change commits while Redis is down"
+    );
+    let local = next_event(&mut on_a, Duration::from_secs(1))
+        .await
+        .expect("A's client");
+    assert_eq!(local["balance"], 25);
+
+    let redis = OwnRedis::start(port);
+    let healed = next_event(&mut on_b, Duration::from_secs(10))
+        .await
+        .expect("B heals within 10 s");
+    assert_eq!(
+        (healed["balance"].as_i64(), healed["version"].as_i64()),
+        (Some(25), Some(1))
+    );
+    pair.both_become("ready", Duration::from_secs(5)).await;
+    pair.change(&pair.a, "carol", 5).await;
+    let after = next_event(&mut on_b, Duration::from_secs(1))
+        .await
+        .expect("new changes flow again");
+    assert_eq!(after["balance"], 30);
+    drop(redis);
+}
