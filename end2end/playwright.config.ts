@@ -10,7 +10,7 @@ const dataDir = mkdtempSync(join(tmpdir(), "livecredits-e2e-"));
 
 export default defineConfig({
   testDir: "./tests",
-  timeout: 30_000,
+  timeout: 45_000,
   fullyParallel: false,
   workers: 1,
   forbidOnly: !!process.env.CI,
@@ -45,6 +45,9 @@ export default defineConfig({
       DATABASE_URL: `sqlite://${dataDir}/e2e.db`,
       LIVECREDITS_DATA_DIR: dataDir,
       LIVECREDITS_DEV_LOGIN: "1",
+      JWT_SECRET: "e2e-secret-0123456789abcdefghijklmnopqrstuv",
+      SUPABASE_SERVICE_ROLE_KEY: "e2e-service-key",
+      LIVECREDITS_CLIMB_INTERVAL_MS: "1500",
       RUST_LOG: "warn",
     },
   },

@@ -4,6 +4,7 @@
 //! `shell` is the HTML document the server renders around `App`; `frontend` hydrates `App`.
 
 pub mod components;
+pub mod credits;
 pub mod pages;
 pub mod wire;
 
@@ -15,16 +16,21 @@ use leptos_router::{
 };
 
 use components::Navbar;
+use credits::{CreditProvider, PAGE_CONTEXT_ID, page_context, page_context_json};
 use pages::{DebugPage, HomePage, LoginPage, NotFound};
 
-/// The whole HTML document, rendered by the server for every page request.
+/// The whole HTML document, rendered by the server for every page request. The page
+/// context travels in a JSON script so the browser hydrates from the state the server
+/// rendered.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
+    let page = page_context_json(&page_context());
     view! {
         <!DOCTYPE html>
         <html lang="en">
             <head>
                 <meta charset="utf-8" />
                 <meta name="viewport" content="width=device-width, initial-scale=1" />
+                <script id=PAGE_CONTEXT_ID type="application/json" inner_html=page></script>
                 <AutoReload options=options.clone() />
                 <HydrationScripts options />
                 <MetaTags />
@@ -49,16 +55,18 @@ pub fn App() -> impl IntoView {
         <Stylesheet id="leptos" href="/pkg/livecredits.css" />
         <Title text="livecredits" />
         <Router>
-            <div class="app" data-hydrated=move || hydrated.get().to_string()>
-                <Navbar />
-                <main class="page">
-                    <Routes fallback=NotFound>
-                        <Route path=StaticSegment("") view=HomePage />
-                        <Route path=StaticSegment("login") view=LoginPage />
-                        <Route path=StaticSegment("debug") view=DebugPage />
-                    </Routes>
-                </main>
-            </div>
+            <CreditProvider>
+                <div class="app" data-hydrated=move || hydrated.get().to_string()>
+                    <Navbar />
+                    <main class="page">
+                        <Routes fallback=NotFound>
+                            <Route path=StaticSegment("") view=HomePage />
+                            <Route path=StaticSegment("login") view=LoginPage />
+                            <Route path=StaticSegment("debug") view=DebugPage />
+                        </Routes>
+                    </main>
+                </div>
+            </CreditProvider>
         </Router>
     }
 }

@@ -146,6 +146,45 @@ pub struct DevLoginResponse {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The body of `POST /api/session`: sign in with a JWT from the identity provider.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    pub token: String,
+}
+
+/// The signed-in user of a page, as the server saw the session cookie.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub user_id: String,
+    pub expires_at: DateTime<Utc>,
+    /// The balance at render time; `None` when the ledger could not be read.
+    pub balance: Option<BalanceSnapshot>,
+}
+
+/// What the server tells a page at render time, so the first paint shows the balance and
+/// hydration starts from the same state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageContext {
+    pub dev_login: bool,
+    pub session: Option<SessionInfo>,
+    /// How often a client on SSE or polling tries WebSocket again.
+    pub climb_interval_ms: u32,
+}
+
+/// The default of [`PageContext::climb_interval_ms`].
+pub const DEFAULT_CLIMB_INTERVAL_MS: u32 = 30_000;
+
+impl Default for PageContext {
+    fn default() -> Self {
+        Self {
+            dev_login: false,
+            session: None,
+            climb_interval_ms: DEFAULT_CLIMB_INTERVAL_MS,
+        }
+    }
+}
+
 /// Machine-readable error codes; each has exactly one HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -16,12 +16,12 @@ test("navigation to /debug and /login happens in the client", async ({ page }) =
 
   await navigate(page, "Debug");
   await expect(page).toHaveURL(/\/debug$/);
-  await expect(page.getByRole("heading", { name: "Debug" })).toBeVisible();
+  await expect(page.getByRole("heading", { name: "Debug", exact: true })).toBeVisible();
   expect(await documentKept(page)).toBe(true);
 
   await navigate(page, "Sign in");
   await expect(page).toHaveURL(/\/login$/);
-  await expect(page.getByRole("heading", { name: "Sign in" })).toBeVisible();
+  await expect(page.getByRole("heading", { name: "Sign in", exact: true })).toBeVisible();
   expect(await documentKept(page)).toBe(true);
 });
 
@@ -35,7 +35,7 @@ test("control: with the wasm blocked the hydration check fails", async ({ page }
   await markDocument(page);
   await page.locator("#nav-links a[href='/debug']").evaluate((a) => (a as HTMLElement).click());
   await expect(page).toHaveURL(/\/debug$/);
-  await expect(page.getByRole("heading", { name: "Debug" })).toBeVisible();
+  await expect(page.getByRole("heading", { name: "Debug", exact: true })).toBeVisible();
   expect(await documentKept(page)).toBe(false);
 });
 

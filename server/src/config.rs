@@ -72,6 +72,9 @@ pub struct Config {
     /// Open connections this instance accepts (`LIVECREDITS_MAX_CONNECTIONS`); `None`
     /// derives it from the open-files limit at start-up.
     pub max_connections: Option<usize>,
+    /// How often browsers on SSE or polling try WebSocket again
+    /// (`LIVECREDITS_CLIMB_INTERVAL_MS`).
+    pub climb_interval_ms: u32,
     /// Live-connection timings and per-user limits (`LIVECREDITS_MAX_LIVE_PER_USER`,
     /// `LIVECREDITS_MAX_POLLS_PER_USER`).
     pub realtime: RealtimeConfig,
@@ -129,6 +132,11 @@ impl Config {
         if let Some(value) = var("LIVECREDITS_MAX_POLLS_PER_USER") {
             realtime.limits.polls_per_user = parse_count("LIVECREDITS_MAX_POLLS_PER_USER", &value)?;
         }
+        let climb_interval_ms = match var("LIVECREDITS_CLIMB_INTERVAL_MS") {
+            Some(value) => u32::try_from(parse_count("LIVECREDITS_CLIMB_INTERVAL_MS", &value)?)
+                .map_err(|_| invalid("LIVECREDITS_CLIMB_INTERVAL_MS", "too large"))?,
+            None => app::wire::DEFAULT_CLIMB_INTERVAL_MS,
+        };
         let max_connections = var("LIVECREDITS_MAX_CONNECTIONS")
             .map(|value| parse_count("LIVECREDITS_MAX_CONNECTIONS", &value))
             .transpose()?;
@@ -153,6 +161,7 @@ impl Config {
                 .unwrap_or(DEFAULT_DATA_DIR.into())
                 .into(),
             max_connections,
+            climb_interval_ms,
             realtime,
             leptos: LeptosOptions::builder()
                 .output_name(OUTPUT_NAME)

@@ -7,6 +7,7 @@
 //! - [`api`] — the JSON API under `/api/`
 //! - [`bus`] — carries committed changes to every instance's hub
 //! - [`realtime`] — the hub and the WebSocket, SSE and long-poll transports
+//! - [`pages`] — the page context every server render starts from
 //! - [`routes`] — the router that assembles every feature module
 //! - [`listener`] — the connection-capped accept loop
 //! - [`health`], [`metrics`] — readiness and Prometheus metrics
@@ -21,6 +22,7 @@ pub mod error;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod pages;
 pub mod realtime;
 pub mod routes;
 pub mod shutdown;

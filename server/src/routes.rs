@@ -12,21 +12,26 @@ use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::{AppState, api, error::ApiError, health, metrics, realtime};
+use crate::{AppState, api, error::ApiError, health, metrics, pages, realtime};
 
 /// The whole application: API, health, the Leptos pages and static files.
 pub fn router(state: AppState) -> Router {
-    let pages = generate_route_list(App);
+    let site = Router::new()
+        .leptos_routes(&state, generate_route_list(App), {
+            let options = state.leptos.clone();
+            move || shell(options.clone())
+        })
+        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            pages::with_page_context,
+        ));
     Router::new()
         .merge(health::router())
         .merge(metrics::router())
         .merge(realtime::router())
         .merge(api::router(state.config.dev_login))
-        .leptos_routes(&state, pages, {
-            let options = state.leptos.clone();
-            move || shell(options.clone())
-        })
-        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .merge(site)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             refuse_while_stopping,

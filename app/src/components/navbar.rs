@@ -1,7 +1,13 @@
-//! The top navigation bar: brand, page links and the user's balance.
+//! The top navigation bar: brand, page links and the live balance.
 
 use leptos::prelude::*;
 use leptos_router::components::A;
+
+use crate::credits::{
+    format::{signed, thousands},
+    machine::{Status, Transport},
+    use_credits,
+};
 
 /// The navigation bar shown on every page. On narrow screens the links fold behind a menu
 /// button.
@@ -9,6 +15,8 @@ use leptos_router::components::A;
 pub fn Navbar() -> impl IntoView {
     let menu_open = RwSignal::new(false);
     let close_menu = move |_| menu_open.set(false);
+    let credits = use_credits();
+    let signed_in = move || credits.user.get().is_some();
 
     view! {
         <header class="navbar">
@@ -24,12 +32,104 @@ pub fn Navbar() -> impl IntoView {
             <nav id="nav-links" class="nav-links" class:open=move || menu_open.get()>
                 <A href="/" on:click=close_menu>"Home"</A>
                 <A href="/debug" on:click=close_menu>"Debug"</A>
-                <A href="/login" on:click=close_menu>"Sign in"</A>
+                <A href="/login" on:click=close_menu>
+                    {move || if signed_in() { "Account" } else { "Sign in" }}
+                </A>
             </nav>
-            <span class="balance" title="Credit balance">
-                <span class="balance-label">"Credits"</span>
-                <span class="balance-value" data-testid="balance">"—"</span>
-            </span>
+            <Balance />
         </header>
+    }
+}
+
+/// The balance with its connection indicator, a flash per change, and a polite live region
+/// so screen readers hear each change.
+#[component]
+fn Balance() -> impl IntoView {
+    let credits = use_credits();
+    let health = move || Health::of(credits.status.get(), credits.transport.get());
+    let text = move || {
+        credits
+            .balance
+            .get()
+            .map_or_else(|| "—".to_owned(), thousands)
+    };
+    let announcement = move || match (credits.balance.get(), credits.last_change.get()) {
+        (Some(balance), Some((amount, _))) => {
+            format!(
+                "Balance {} credits ({})",
+                thousands(balance),
+                signed(amount)
+            )
+        }
+        _ => String::new(),
+    };
+
+    view! {
+        <span class="balance" title="Credit balance">
+            <span class="balance-label">"Credits"</span>
+            <span class="balance-value" data-testid="balance">{text}</span>
+            {move || {
+                credits
+                    .last_change
+                    .get()
+                    .map(|(amount, seq)| {
+                        let direction = if amount < 0 { "down" } else { "up" };
+                        view! {
+                            <span
+                                class=format!("balance-change {direction}")
+                                data-seq=seq.to_string()
+                                data-testid="balance-change"
+                            >
+                                {signed(amount)}
+                            </span>
+                        }
+                    })
+            }}
+            <span
+                class=move || format!("connection {}", health().class())
+                data-testid="connection"
+                data-transport=move || credits.transport.get().map_or("none", Transport::label)
+            >
+                <span class="dot" aria-hidden="true"></span>
+                {move || health().label()}
+            </span>
+            <span class="visually-hidden" aria-live="polite" aria-atomic="true">
+                {announcement}
+            </span>
+        </span>
+    }
+}
+
+/// The indicator's three states: live (push), degraded (polling or reconnecting), offline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Live,
+    Degraded,
+    Offline,
+}
+
+impl Health {
+    fn of(status: Status, transport: Option<Transport>) -> Self {
+        match (status, transport) {
+            (Status::Live, Some(Transport::WebSocket | Transport::Sse)) => Self::Live,
+            (Status::Live | Status::Connecting | Status::Reconnecting, _) => Self::Degraded,
+            (Status::Offline | Status::SignedOut, _) => Self::Offline,
+        }
+    }
+
+    fn class(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Degraded => "degraded",
+            Self::Offline => "offline",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Live => "Live",
+            Self::Degraded => "Degraded",
+            Self::Offline => "Offline",
+        }
     }
 }

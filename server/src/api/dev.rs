@@ -3,16 +3,13 @@
 
 use app::wire::{DevCreditRequest, DevLoginRequest, DevLoginResponse};
 use axum::{Json, Router, extract::State, response::Response, routing::post};
-use axum_extra::extract::{
-    CookieJar,
-    cookie::{Cookie, SameSite},
-};
+use axum_extra::extract::CookieJar;
 use chrono::Duration;
 
 use super::changes::apply;
 use crate::{
     AppState,
-    auth::{AuthUser, SESSION_COOKIE},
+    auth::{self, AuthUser},
     error::{ApiError, AppJson},
     store::{NewChange, validate_user_id},
 };
@@ -33,22 +30,13 @@ async fn login(
 ) -> Result<(CookieJar, Json<DevLoginResponse>), ApiError> {
     validate_user_id(&request.user_id)?;
     let (token, expires_at) = state.auth.mint_user_token(&request.user_id, SESSION_TTL)?;
-    let cookie = Cookie::build((SESSION_COOKIE, token.clone()))
-        .path("/")
-        .http_only(true)
-        .same_site(SameSite::Lax)
-        .max_age(time_span(SESSION_TTL))
-        .build();
+    let cookie = auth::session_cookie(token.clone(), expires_at);
     let body = DevLoginResponse {
         token,
         user_id: request.user_id,
         expires_at,
     };
     Ok((jar.add(cookie), Json(body)))
-}
-
-fn time_span(duration: Duration) -> time::Duration {
-    time::Duration::seconds(duration.num_seconds())
 }
 
 async fn credits(

@@ -4,6 +4,7 @@
 mod changes;
 mod credits;
 mod dev;
+mod session;
 
 use axum::{Router, extract::DefaultBodyLimit, routing::any};
 
@@ -13,7 +14,8 @@ use crate::{AppState, error};
 pub fn router(dev_login: bool) -> Router<AppState> {
     let api = Router::new()
         .merge(credits::router())
-        .merge(changes::router());
+        .merge(changes::router())
+        .merge(session::router());
     let api = if dev_login {
         api.merge(dev::router())
     } else {

@@ -11,7 +11,10 @@ use axum::{
     extract::{FromRequestParts, Query},
     http::{header, request::Parts},
 };
-use axum_extra::extract::CookieJar;
+use axum_extra::extract::{
+    CookieJar,
+    cookie::{Cookie, SameSite},
+};
 use chrono::{DateTime, Duration, Utc};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -20,6 +23,23 @@ use crate::{AppState, Config, error::ApiError, store};
 
 /// The session cookie set by dev sign-in.
 pub const SESSION_COOKIE: &str = "livecredits_session";
+
+/// The session cookie holding `token` until `expires_at`: HttpOnly (page scripts never see
+/// it) and SameSite=Lax (other sites cannot send it with their requests).
+pub fn session_cookie(token: String, expires_at: DateTime<Utc>) -> Cookie<'static> {
+    let max_age = (expires_at - Utc::now()).num_seconds().max(0);
+    Cookie::build((SESSION_COOKIE, token))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .max_age(time::Duration::seconds(max_age))
+        .build()
+}
+
+/// What removes the session cookie.
+pub fn session_cookie_removal() -> Cookie<'static> {
+    Cookie::build(SESSION_COOKIE).path("/").build()
+}
 
 /// Why a caller was not admitted.
 #[derive(Debug, thiserror::Error)]

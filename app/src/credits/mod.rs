@@ -1,0 +1,173 @@
+//! The live balance in the browser: [`CreditContext`] holds it as reactive signals,
+//! [`CreditProvider`] fills it from the page context on the server (first paint) and keeps it
+//! live in the browser through the connection [`machine`] and its driver.
+
+#[cfg(feature = "hydrate")]
+mod browser;
+pub mod format;
+pub mod machine;
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Utc};
+use leptos::prelude::*;
+
+use crate::wire::{BalanceEvent, PageContext, TransactionPage};
+use machine::{Input, Mode, Status, Transport};
+
+/// Connection events kept for the debug page.
+pub const LOG_CAPACITY: usize = 50;
+/// Id of the script element that carries the [`PageContext`] from server to browser.
+pub const PAGE_CONTEXT_ID: &str = "lc-page";
+
+/// One line of the connection log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub at: DateTime<Utc>,
+    pub text: String,
+}
+
+/// A message to the browser driver, from the UI or from the driver's own tasks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// An input for the connection machine (debug buttons send `SetMode`).
+    Machine(Input),
+    /// A balance event received by a transport.
+    Event(Box<BalanceEvent>),
+    /// Read the balance once (the tab became visible).
+    Refresh,
+    SignInDev(String),
+    SignInToken(String),
+    /// Sign-in succeeded for this user: connect.
+    SignedIn(String),
+    SignOut,
+    Simulate {
+        amount: i64,
+        kind: String,
+    },
+    LoadLedger {
+        before: Option<i64>,
+    },
+}
+
+/// The live balance and connection state, provided at the root by [`CreditProvider`].
+#[derive(Clone, Copy)]
+pub struct CreditContext {
+    pub dev_login: bool,
+    /// How often to try WebSocket again while on SSE or polling.
+    pub climb_interval: std::time::Duration,
+    pub user: RwSignal<Option<String>>,
+    pub balance: RwSignal<Option<i64>>,
+    pub version: RwSignal<i64>,
+    pub transport: RwSignal<Option<Transport>>,
+    pub status: RwSignal<Status>,
+    pub mode: RwSignal<Mode>,
+    /// When the balance last changed (the change's commit time).
+    pub last_update: RwSignal<Option<DateTime<Utc>>>,
+    pub last_event: RwSignal<Option<BalanceEvent>>,
+    /// The last change's amount and a counter, so the navbar can flash each one.
+    pub last_change: RwSignal<Option<(i64, u64)>>,
+    pub attempts: RwSignal<u32>,
+    pub log: RwSignal<VecDeque<LogEntry>>,
+    pub ledger: RwSignal<Option<TransactionPage>>,
+    /// The last action's outcome, for forms.
+    pub notice: RwSignal<Option<String>>,
+    controls: StoredValue<Option<futures::channel::mpsc::UnboundedSender<Control>>>,
+}
+
+impl CreditContext {
+    fn new(page: &PageContext) -> Self {
+        let session = page.session.as_ref();
+        let snapshot = session.and_then(|s| s.balance.as_ref());
+        Self {
+            dev_login: page.dev_login,
+            climb_interval: std::time::Duration::from_millis(u64::from(page.climb_interval_ms)),
+            user: RwSignal::new(session.map(|s| s.user_id.clone())),
+            balance: RwSignal::new(snapshot.map(|s| s.balance)),
+            version: RwSignal::new(snapshot.map_or(0, |s| s.version)),
+            transport: RwSignal::new(None),
+            status: RwSignal::new(if session.is_some() {
+                Status::Connecting
+            } else {
+                Status::SignedOut
+            }),
+            mode: RwSignal::new(Mode::Auto),
+            last_update: RwSignal::new(snapshot.and_then(|s| s.updated_at)),
+            last_event: RwSignal::new(None),
+            last_change: RwSignal::new(None),
+            attempts: RwSignal::new(0),
+            log: RwSignal::new(VecDeque::new()),
+            ledger: RwSignal::new(None),
+            notice: RwSignal::new(None),
+            controls: StoredValue::new(None),
+        }
+    }
+
+    /// Asks the browser driver to do something; a no-op while rendering on the server.
+    pub fn send(&self, control: Control) {
+        self.controls.with_value(|controls| {
+            if let Some(controls) = controls {
+                let _ = controls.unbounded_send(control);
+            }
+        });
+    }
+
+    /// Appends to the bounded connection log.
+    pub fn note(&self, text: impl Into<String>) {
+        let entry = LogEntry {
+            at: Utc::now(),
+            text: text.into(),
+        };
+        self.log.update(|log| {
+            if log.len() == LOG_CAPACITY {
+                log.pop_back();
+            }
+            log.push_front(entry);
+        });
+    }
+}
+
+/// The credit context of the current page.
+///
+/// # Panics
+/// Outside a [`CreditProvider`], which `App` puts at the root.
+pub fn use_credits() -> CreditContext {
+    expect_context::<CreditContext>()
+}
+
+/// Provides [`CreditContext`] to `children`: from the request on the server, from the
+/// embedded page context in the browser, where it also starts the live connection.
+#[component]
+pub fn CreditProvider(children: Children) -> impl IntoView {
+    let page = page_context();
+    let context = CreditContext::new(&page);
+    provide_context(context);
+    #[cfg(feature = "hydrate")]
+    browser::start(context);
+    children()
+}
+
+/// The page context the server put in the request (SSR) or in the page (browser).
+pub fn page_context() -> PageContext {
+    #[cfg(feature = "ssr")]
+    {
+        use_context::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<PageContext>().cloned())
+            .unwrap_or_default()
+    }
+    #[cfg(all(feature = "hydrate", not(feature = "ssr")))]
+    {
+        browser::embedded_page_context().unwrap_or_default()
+    }
+    #[cfg(not(any(feature = "ssr", feature = "hydrate")))]
+    {
+        PageContext::default()
+    }
+}
+
+/// The page context as JSON safe to embed in a `<script>` element.
+pub fn page_context_json(page: &PageContext) -> String {
+    serde_json::to_string(page)
+        .unwrap_or_else(|_| "{}".into())
+        .replace("</", "<\\/")
+}
