@@ -21,9 +21,8 @@ use tokio::{
 /// Descriptors kept back from connections for database pools, Redis, logs and files.
 const RESERVED_FDS: u64 = 256;
 
-/// Raises the soft open-files limit to the hard one and returns how many connections fit
-/// under it, less a reserve.
-pub fn connection_capacity() -> usize {
+/// Raises the soft open-files limit to the hard one; returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
         limit.current = limit.maximum;
@@ -32,7 +31,12 @@ pub fn connection_capacity() -> usize {
             limit = getrlimit(Resource::Nofile);
         }
     }
-    let files = limit.current.unwrap_or(1 << 20);
+    limit.current.unwrap_or(1 << 20)
+}
+
+/// How many connections fit under the (raised) open-files limit, less a reserve.
+pub fn connection_capacity() -> usize {
+    let files = raise_open_files_limit();
     usize::try_from(files.saturating_sub(RESERVED_FDS).max(16)).unwrap_or(usize::MAX)
 }
 

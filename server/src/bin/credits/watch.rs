@@ -1,0 +1,253 @@
+//! Watching one user's balance over each transport, and applying a change, as the seed's
+//! test tools did: every update is printed with its version and the delay since the change.
+
+use std::time::Duration;
+
+use app::wire::{ApiError, BalanceEvent, ChangeRequest, PollResponse, WsServerMsg, close};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::Failure;
+
+/// Where results go: text lines, or one JSON object per line.
+#[derive(Clone, Copy)]
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    /// Prints `text`, or `value` as one line of JSON.
+    pub fn line(&self, text: &str, value: &Value) {
+        if self.json {
+            println!("{value}");
+        } else {
+            println!("{text}");
+        }
+    }
+
+    fn update(&self, transport: &str, event: &BalanceEvent) {
+        let delay_ms = event.change.as_ref().map(|change| {
+            (chrono::Utc::now() - change.created_at)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1000.0
+        });
+        let change = event.change.as_ref().map_or_else(
+            || "snapshot".to_owned(),
+            |c| format!("{:+} {}", c.amount, c.kind),
+        );
+        let delay = delay_ms.map_or_else(String::new, |ms| format!(" delay={ms:.1}ms"));
+        self.line(
+            &format!(
+                "[{transport}] v{} balance={} ({change}){delay}",
+                event.version, event.balance
+            ),
+            &json!({
+                "transport": transport, "user_id": event.user_id, "version": event.version,
+                "balance": event.balance, "change": event.change, "delay_ms": delay_ms,
+            }),
+        );
+    }
+}
+
+/// A refused HTTP answer as a one-line failure.
+async fn refusal(url: &str, response: reqwest::Response) -> Failure {
+    let status = response.status();
+    let message = response
+        .json::<ApiError>()
+        .await
+        .map_or_else(|_| status.to_string(), |e| e.message);
+    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+        Failure::auth(format!("authentication failed: {message}"))
+    } else {
+        Failure::other(format!("{url} answered {status}: {message}"))
+    }
+}
+
+fn ws_url(url: &str, token: &str) -> String {
+    let base = url.replacen("http", "ws", 1);
+    format!("{base}/ws?token={token}")
+}
+
+pub async fn websocket(url: &str, token: &str, out: Output) -> Result<(), Failure> {
+    let (socket, _) = match tokio_tungstenite::connect_async(ws_url(url, token)).await {
+        Ok(connected) => connected,
+        Err(tungstenite::Error::Http(response)) if response.status() == 401 => {
+            return Err(Failure::auth(
+                "authentication failed: the server refused the token",
+            ));
+        }
+        Err(err) => return Err(Failure::unreachable(url, err)),
+    };
+    let (_sink, mut frames) = socket.split();
+    while let Some(frame) = frames.next().await {
+        match frame.map_err(|err| Failure::other(format!("connection lost: {err}")))? {
+            Message::Text(text) => {
+                if let Ok(WsServerMsg::Balance(event)) = serde_json::from_str(&text) {
+                    out.update("websocket", &event);
+                }
+            }
+            Message::Close(Some(frame)) if u16::from(frame.code) == close::TOKEN_EXPIRED => {
+                return Err(Failure::auth("the token expired"));
+            }
+            Message::Close(frame) => {
+                let reason = frame.map_or_else(String::new, |f| {
+                    format!(": {} {}", u16::from(f.code), f.reason)
+                });
+                return Err(Failure::other(format!(
+                    "the server closed the connection{reason}"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Err(Failure::other("connection lost"))
+}
+
+/// Reads `text/event-stream` frames from a streamed body.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+/// One parsed server-sent event.
+pub struct ServerEvent {
+    pub event: String,
+    pub data: String,
+}
+
+impl EventStream {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event with a name; `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<ServerEvent> {
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = ServerEvent {
+                    event: String::new(),
+                    data: String::new(),
+                };
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        event.event = value.trim().to_owned();
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        event.data.push_str(value.trim_start());
+                    }
+                }
+                if !event.event.is_empty() {
+                    return Some(event);
+                }
+            }
+            let chunk = self.response.chunk().await.ok()??;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+/// Opens the SSE stream of the token's user.
+pub async fn open_sse(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> Result<EventStream, Failure> {
+    let response = client
+        .get(format!("{url}/api/credits/sse"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|err| Failure::unreachable(url, err))?;
+    if !response.status().is_success() {
+        return Err(refusal(url, response).await);
+    }
+    Ok(EventStream::new(response))
+}
+
+pub async fn sse(url: &str, token: &str, out: Output) -> Result<(), Failure> {
+    let mut stream = open_sse(&reqwest::Client::new(), url, token).await?;
+    while let Some(event) = stream.next().await {
+        match event.event.as_str() {
+            "balance" => {
+                if let Ok(balance) = serde_json::from_str::<BalanceEvent>(&event.data) {
+                    out.update("sse", &balance);
+                }
+            }
+            close::SSE_AUTH_EXPIRED => return Err(Failure::auth("the token expired")),
+            _ => {}
+        }
+    }
+    Err(Failure::other("the server ended the stream"))
+}
+
+pub async fn poll(url: &str, token: &str, wait: u32, out: Output) -> Result<(), Failure> {
+    let client = reqwest::Client::new();
+    let mut version: Option<i64> = None;
+    loop {
+        let query = match version {
+            Some(version) if wait > 0 => format!("?version={version}&wait={wait}"),
+            _ => String::new(),
+        };
+        let response = client
+            .get(format!("{url}/api/credits/balance/poll{query}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|err| Failure::unreachable(url, err))?;
+        if !response.status().is_success() {
+            return Err(refusal(url, response).await);
+        }
+        let answer: PollResponse = response
+            .json()
+            .await
+            .map_err(|err| Failure::other(format!("unexpected answer: {err}")))?;
+        if version != Some(answer.snapshot.version) {
+            version = Some(answer.snapshot.version);
+            out.update("poll", &BalanceEvent::snapshot(answer.snapshot));
+        }
+        if wait == 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(answer.poll_interval_ms))).await;
+        }
+    }
+}
+
+pub async fn simulate(
+    url: &str,
+    service_token: &str,
+    request: &ChangeRequest,
+    out: Output,
+) -> Result<(), Failure> {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/credits/changes"))
+        .bearer_auth(service_token)
+        .json(request)
+        .send()
+        .await
+        .map_err(|err| Failure::unreachable(url, err))?;
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    if !response.status().is_success() {
+        return Err(refusal(url, response).await);
+    }
+    let event: BalanceEvent = response
+        .json()
+        .await
+        .map_err(|err| Failure::other(format!("unexpected answer: {err}")))?;
+    let note = if replayed {
+        " (replayed: nothing applied)"
+    } else {
+        ""
+    };
+    out.line(
+        &format!(
+            "{} is now at {} (v{}){note}",
+            event.user_id, event.balance, event.version
+        ),
+        &json!({ "event": event, "replayed": replayed }),
+    );
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! The `credits` command line against a real server process: every subcommand, and one clear
+//! line with a distinct exit code for bad arguments, refused credentials and no server.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Output, Stdio},
+};
+
+use common::{SECRET, SERVICE_KEY, process::ServerProcess};
+use serde_json::Value;
+
+fn credits(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_credits"));
+    command.env_clear().args(args).stdin(Stdio::null());
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    credits(args).output().expect("credits runs")
+}
+
+fn stderr_line(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    stderr
+}
+
+fn start_server() -> (tempfile::TempDir, ServerProcess) {
+    let dir = tempfile::tempdir().expect("dir");
+    let database = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let server = ServerProcess::start(
+        dir.path(),
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY),
+            ("DATABASE_URL", &database),
+        ],
+    );
+    (dir, server)
+}
+
+/// `token` mints a user token the server accepts; `simulate` applies and replays changes.
+#[test]
+fn token_and_simulate() {
+    let (_dir, server) = start_server();
+    let url = format!("http://{}", server.addr);
+    let minted = run(&["token", "alice", "--secret", SECRET, "--ttl", "10m"]);
+    assert!(minted.status.success());
+    let token = String::from_utf8(minted.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_owned();
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(&token).expect("a JWT");
+    assert_eq!(claims["sub"], "alice");
+
+    let applied = run(&[
+        "simulate",
+        "alice",
+        "-40",
+        "spend",
+        "--url",
+        &url,
+        "--service-token",
+        SERVICE_KEY,
+    ]);
+    assert_eq!(
+        applied.status.code(),
+        Some(1),
+        "insufficient credits is refused"
+    );
+    assert!(stderr_line(&applied).contains("insufficient"));
+
+    let args = [
+        "simulate",
+        "alice",
+        "500",
+        "grant",
+        "--url",
+        &url,
+        "--secret",
+        SECRET,
+        "--json",
+        "--metadata",
+        r#"{"order":"A-1"}"#,
+        "--idempotency-key",
+        "k-1",
+    ];
+    for replayed in [false, true] {
+        let output = run(&args);
+        assert!(output.status.success(), "{output:?}");
+        let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON line");
+        assert_eq!(answer["event"]["balance"], 500);
+        assert_eq!(answer["replayed"], replayed);
+    }
+
+    let service = run(&["token", "x", "--service", "--secret", SECRET]);
+    let service_token = String::from_utf8(service.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_owned();
+    let via_jwt = run(&[
+        "simulate",
+        "alice",
+        "1",
+        "grant",
+        "--url",
+        &url,
+        "--service-token",
+        &service_token,
+    ]);
+    assert!(String::from_utf8_lossy(&via_jwt.stdout).contains("alice is now at 501"));
+}
+
+/// `ws`, `sse` and `poll` print the snapshot and then each change with its delay.
+#[test]
+fn watchers_print_updates() {
+    let (_dir, server) = start_server();
+    let url = format!("http://{}", server.addr);
+    let token = common::user_token("bob");
+    for (command, extra) in [("ws", None), ("sse", None), ("poll", Some("--wait=5"))] {
+        let mut args = vec![command, token.as_str(), "--url", url.as_str(), "--json"];
+        args.extend(extra);
+        let mut child = credits(&args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("watcher");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let snapshot: Value =
+            serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
+        assert_eq!(snapshot["change"], Value::Null, "{command}");
+        let before = snapshot["version"].as_i64().expect("version");
+        let applied = run(&[
+            "simulate",
+            "bob",
+            "3",
+            "grant",
+            "--url",
+            &url,
+            "--service-token",
+            SERVICE_KEY,
+        ]);
+        assert!(applied.status.success());
+        let update: Value =
+            serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
+        assert_eq!(update["version"], before + 1, "{command}");
+        if command != "poll" {
+            assert!(
+                update["delay_ms"].as_f64().expect("delay") < 1_000.0,
+                "{command}"
+            );
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Refused tokens exit 3, an unreachable server exits 4, bad arguments exit 2 — each with
+/// one line on stderr.
+#[test]
+fn failures_are_one_line_with_distinct_codes() {
+    let (_dir, server) = start_server();
+    let url = format!("http://{}", server.addr);
+    for command in ["ws", "sse", "poll"] {
+        let refused = run(&[command, "not-a-token", "--url", &url]);
+        assert_eq!(refused.status.code(), Some(3), "{command}");
+        assert!(
+            stderr_line(&refused).contains("authentication failed"),
+            "{command}"
+        );
+        let unreachable = run(&[command, "t", "--url", "http://127.0.0.1:9"]);
+        assert_eq!(unreachable.status.code(), Some(4), "{command}");
+        assert!(
+            stderr_line(&unreachable).contains("cannot reach"),
+            "{command}"
+        );
+    }
+    for bad in [
+        vec!["simulate", "alice", "lots", "grant"],
+        vec![
+            "simulate",
+            "alice",
+            "5",
+            "grant",
+            "--metadata",
+            "[1]",
+            "--service-token",
+            "k",
+        ],
+        vec!["token", "alice"],
+        vec!["frobnicate"],
+        vec![
+            "bench",
+            "poll",
+            "--url",
+            "http://10.1.2.3:3000",
+            "--secret",
+            "s",
+        ],
+    ] {
+        let output = run(&bad);
+        assert_eq!(output.status.code(), Some(2), "{bad:?}");
+        stderr_line(&output);
+    }
+    let help = run(&["bench", "fanout", "--help"]);
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--per-user"));
+}
