@@ -14,7 +14,7 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::{auth::AuthError, store::StoreError};
+use crate::{auth::AuthError, realtime::hub::Refused, store::StoreError};
 
 /// Largest accepted request body (SPEC §4).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -94,6 +94,16 @@ impl From<AuthError> for ApiError {
             AuthError::Internal(_) => return Self::internal(&err),
         };
         Self::new(code, err.to_string())
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        let code = match refused {
+            Refused::TooMany { .. } => ErrorCode::TooManyConnections,
+            Refused::Closed => ErrorCode::Unavailable,
+        };
+        Self::new(code, refused.to_string())
     }
 }
 

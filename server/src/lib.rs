@@ -51,10 +51,13 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let shutdown = state.shutdown.clone();
     let trigger = shutdown.clone();
+    let hub = state.hub.clone();
     let tasks = state.tasks.clone();
     let listener = listener::LimitedListener::new(listener, state.max_connections);
     let serve = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
         signal.await;
+        // Closing the hub ends every live connection and answers held long-polls.
+        hub.close();
         trigger.cancel();
     });
     let stopped = async {

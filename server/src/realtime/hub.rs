@@ -15,8 +15,9 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use super::Update;
 use crate::metrics::Metrics;
 
-/// Events buffered per user before a slow connection is coalesced to the newest.
-const USER_BACKLOG: usize = 16;
+/// Events buffered per user before a slow connection is coalesced to the newest. Every
+/// connected user pays for these slots, idle or not.
+const USER_BACKLOG: usize = 8;
 
 /// The transport a subscription serves; live ones (WebSocket, SSE) and long-polls have
 /// separate per-user limits.
@@ -47,12 +48,18 @@ pub struct Limits {
     pub polls_per_user: usize,
 }
 
-/// A subscription was refused because the user already has as many as allowed.
+/// Why a subscription was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("too many {transport} connections for this user (limit {limit})")]
-pub struct TooMany {
-    pub transport: &'static str,
-    pub limit: usize,
+pub enum Refused {
+    /// The user already has as many as allowed.
+    #[error("too many {transport} connections for this user (limit {limit})")]
+    TooMany {
+        transport: &'static str,
+        limit: usize,
+    },
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    Closed,
 }
 
 /// The hub of one instance; cheap to clone.
@@ -63,9 +70,16 @@ pub struct Hub {
 
 struct Inner {
     // A std mutex: every critical section is a map operation or a non-blocking send.
-    users: Mutex<HashMap<String, UserEntry>>,
+    users: Mutex<Users>,
     limits: Limits,
     metrics: Metrics,
+}
+
+/// The users' channels, and whether the hub was closed for shutdown.
+#[derive(Default)]
+struct Users {
+    channels: HashMap<String, UserEntry>,
+    closed: bool,
 }
 
 struct UserEntry {
@@ -86,7 +100,7 @@ impl Hub {
         }
     }
 
-    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<String, UserEntry>> {
+    fn users(&self) -> std::sync::MutexGuard<'_, Users> {
         self.inner.users.lock().expect("hub lock poisoned")
     }
 
@@ -94,10 +108,15 @@ impl Hub {
     /// no change can fall between the two.
     ///
     /// # Errors
-    /// `TooMany` when the user is at the limit for this kind of transport.
-    pub fn subscribe(&self, user_id: &str, transport: Transport) -> Result<Subscription, TooMany> {
+    /// `TooMany` when the user is at the limit for this kind of transport, `Closed` once the
+    /// server is shutting down.
+    pub fn subscribe(&self, user_id: &str, transport: Transport) -> Result<Subscription, Refused> {
         let mut users = self.users();
+        if users.closed {
+            return Err(Refused::Closed);
+        }
         let entry = users
+            .channels
             .entry(user_id.to_owned())
             .or_insert_with(|| UserEntry {
                 sender: broadcast::channel(USER_BACKLOG).0,
@@ -112,10 +131,10 @@ impl Hub {
         };
         if *count >= limit {
             if entry.live + entry.polls == 0 {
-                users.remove(user_id);
+                users.channels.remove(user_id);
             }
             self.inner.metrics.refused("too_many_connections");
-            return Err(TooMany {
+            return Err(Refused::TooMany {
                 transport: transport.name(),
                 limit,
             });
@@ -136,7 +155,7 @@ impl Hub {
     /// connection here costs one map lookup.
     pub fn deliver(&self, update: Arc<Update>) {
         let users = self.users();
-        if let Some(entry) = users.get(&update.event.user_id) {
+        if let Some(entry) = users.channels.get(&update.event.user_id) {
             // An error only means every receiver is gone, which the last drop cleans up.
             let _ = entry.sender.send(update);
         }
@@ -145,23 +164,34 @@ impl Hub {
     /// The users with at least one connection here, for re-sending snapshots after a bus
     /// outage.
     pub fn connected_users(&self) -> Vec<String> {
-        self.users().keys().cloned().collect()
+        self.users().channels.keys().cloned().collect()
     }
 
     /// How many users have a connection here.
     pub fn user_count(&self) -> usize {
-        self.users().len()
+        self.users().channels.len()
+    }
+
+    /// Ends every subscription (their `next` returns `None`) and refuses new ones: the
+    /// transports' cue to close their connections when the server shuts down.
+    pub fn close(&self) {
+        let mut users = self.users();
+        users.closed = true;
+        for entry in users.channels.values_mut() {
+            // Replacing the sender drops the old one, which closes its receivers.
+            entry.sender = broadcast::channel(1).0;
+        }
     }
 
     fn release(&self, user_id: &str, transport: Transport) {
         let mut users = self.users();
-        if let Some(entry) = users.get_mut(user_id) {
+        if let Some(entry) = users.channels.get_mut(user_id) {
             match transport {
                 Transport::Poll => entry.polls -= 1,
                 Transport::WebSocket | Transport::Sse => entry.live -= 1,
             }
             if entry.live + entry.polls == 0 {
-                users.remove(user_id);
+                users.channels.remove(user_id);
             }
         }
         self.inner.metrics.closed(transport);
@@ -306,5 +336,18 @@ mod tests {
         assert_eq!(hub.user_count(), 0);
         assert!(hub.subscribe("c", Transport::Poll).is_ok());
         assert_eq!(hub.user_count(), 0);
+    }
+
+    /// Closing ends every subscription and refuses new ones.
+    #[tokio::test]
+    async fn close_ends_subscriptions() {
+        let hub = hub(4, 4);
+        let mut sub = hub.subscribe("a", Transport::Sse).unwrap();
+        hub.close();
+        assert!(sub.next().await.is_none());
+        assert!(matches!(
+            hub.subscribe("b", Transport::WebSocket),
+            Err(Refused::Closed)
+        ));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use app::wire::{BalanceSnapshot, ErrorCode, PollResponse};
+use app::wire::{BalanceSnapshot, PollResponse};
 use axum::{Json, Router, extract::State, routing::get};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -66,19 +66,16 @@ async fn hold(
     wait: Duration,
 ) -> Result<BalanceSnapshot, ApiError> {
     // Subscribe before reading the snapshot so no change falls between them.
-    let mut subscription = state
-        .hub
-        .subscribe(user_id, Transport::Poll)
-        .map_err(|too_many| ApiError::new(ErrorCode::TooManyConnections, too_many.to_string()))?;
+    let mut subscription = state.hub.subscribe(user_id, Transport::Poll)?;
     let snapshot = state.store.snapshot(user_id).await?;
     if u64::try_from(snapshot.version) != Ok(version) {
         return Ok(snapshot);
     }
     subscription.sent(snapshot.version);
+    // `next` also returns `None` when the server shuts down: answer with the snapshot.
     let woken_by = tokio::select! {
         update = subscription.next() => update,
         () = tokio::time::sleep(wait) => None,
-        () = state.shutdown.cancelled() => None,
     };
     match woken_by {
         Some(update) => {

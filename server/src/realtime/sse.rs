@@ -4,7 +4,7 @@
 
 use std::{convert::Infallible, time::Duration};
 
-use app::wire::{BalanceEvent, ErrorCode, close};
+use app::wire::{BalanceEvent, close};
 use axum::{
     Router,
     extract::State,
@@ -39,10 +39,7 @@ async fn stream(
 ) -> Result<Response, ApiError> {
     let user = caller.user;
     // Subscribe before reading the snapshot so no change falls between them.
-    let mut subscription = state
-        .hub
-        .subscribe(&user.user_id, Transport::Sse)
-        .map_err(|too_many| ApiError::new(ErrorCode::TooManyConnections, too_many.to_string()))?;
+    let mut subscription = state.hub.subscribe(&user.user_id, Transport::Sse)?;
     let snapshot = state.store.snapshot(&user.user_id).await?;
     let resumed_at = headers
         .get("last-event-id")
@@ -80,9 +77,9 @@ fn balance_frame(update: &Update) -> Event {
 
 /// What ends the wait for the next frame.
 enum Next {
+    /// A change, or `None` once the hub closes for shutdown.
     Update(Option<std::sync::Arc<Update>>),
     Expired,
-    Shutdown,
 }
 
 fn frames(
@@ -102,7 +99,6 @@ fn frames(
             let next = tokio::select! {
                 update = subscription.next() => Next::Update(update),
                 () = &mut expiry => Next::Expired,
-                () = state.shutdown.cancelled() => Next::Shutdown,
             };
             match next {
                 Next::Update(Some(update)) => {
@@ -113,7 +109,7 @@ fn frames(
                     yield Ok(Event::default().event(close::SSE_AUTH_EXPIRED).data(r#"{"error":"token_expired"}"#));
                     break;
                 }
-                Next::Update(None) | Next::Shutdown => break,
+                Next::Update(None) => break,
             }
         }
     }

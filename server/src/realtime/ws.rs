@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use app::wire::{ErrorCode, ErrorTag, PongTag, WsClientMsg, WsServerMsg, close};
+use app::wire::{BalanceEvent, ErrorCode, ErrorTag, PongTag, WsClientMsg, WsServerMsg, close};
 use axum::{
     Router,
     extract::{
@@ -14,23 +14,25 @@ use axum::{
     response::Response,
     routing::get,
 };
-use tokio::time::{Instant, interval_at, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
+use super::RealtimeConfig;
 use super::{
     Update,
-    hub::{Subscription, Transport},
+    hub::{Refused, Subscription, Transport},
     instant_of, origin_allowed,
 };
 use crate::{
     AppState,
     auth::{AuthUser, TokenSource, User},
+    metrics::Metrics,
 };
 
 /// Largest client frame; bigger ones close the connection with 1009.
 const MAX_CLIENT_FRAME: usize = 4 * 1024;
 /// Read buffer allocated per connection. Client frames are tiny; tungstenite's 128 KiB
 /// default would cost more than all the rest of an idle connection.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 /// Outgoing bytes queued for a slow reader before sends fail and the connection closes.
 const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// Malformed or unknown client frames tolerated, each answered with an error frame; the
@@ -65,20 +67,37 @@ async fn upgrade(
             refuse(socket, close::FORBIDDEN_ORIGIN, "origin not allowed".into())
         });
     }
-    let subscription = match state
+    let mut subscription = match state
         .hub
         .subscribe(&caller.user.user_id, Transport::WebSocket)
     {
         Ok(subscription) => subscription,
-        Err(too_many) => {
-            let reason = too_many.to_string();
-            return upgrade
-                .on_upgrade(move |socket| refuse(socket, close::TOO_MANY_CONNECTIONS, reason));
+        Err(refused) => {
+            let code = match refused {
+                Refused::TooMany { .. } => close::TOO_MANY_CONNECTIONS,
+                Refused::Closed => close::RESTARTING,
+            };
+            let reason = refused.to_string();
+            return upgrade.on_upgrade(move |socket| refuse(socket, code, reason));
         }
     };
+    // Read the snapshot before upgrading: the session task then never holds a database
+    // future, which keeps every idle connection small.
+    let snapshot = match state.store.snapshot(&caller.user.user_id).await {
+        Ok(snapshot) => snapshot,
+        Err(err) => {
+            tracing::warn!(%err, "no snapshot for a new WebSocket");
+            return upgrade.on_upgrade(|socket| {
+                refuse(socket, close::TRY_AGAIN_LATER, "ledger unavailable".into())
+            });
+        }
+    };
+    subscription.sent(snapshot.version);
+    let first = Update::new(BalanceEvent::snapshot(snapshot)).json;
     let tracker = state.tasks.clone();
+    let live = Live::from(&state);
     upgrade.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(socket, state, caller.user, subscription).run())
+        tracker.track_future(Session::new(socket, live, caller.user, subscription).run(first))
     })
 }
 
@@ -90,10 +109,25 @@ fn close_message(code: u16, reason: Utf8Bytes) -> Message {
     Message::Close(Some(CloseFrame { code, reason }))
 }
 
+/// What a session needs of the app state: kept small, since every idle connection holds it.
+struct Live {
+    metrics: Metrics,
+    timing: RealtimeConfig,
+}
+
+impl From<&AppState> for Live {
+    fn from(state: &AppState) -> Self {
+        Self {
+            metrics: state.metrics.clone(),
+            timing: state.realtime,
+        }
+    }
+}
+
 /// One open WebSocket.
 struct Session {
     socket: WebSocket,
-    state: AppState,
+    live: Live,
     user: User,
     subscription: Subscription,
     bad_frames: u32,
@@ -106,51 +140,44 @@ enum End {
 }
 
 impl Session {
-    fn new(socket: WebSocket, state: AppState, user: User, subscription: Subscription) -> Self {
+    fn new(socket: WebSocket, live: Live, user: User, subscription: Subscription) -> Self {
         Self {
             socket,
-            state,
+            live,
             user,
             subscription,
             bad_frames: 0,
         }
     }
 
-    async fn run(mut self) {
-        let end = self.serve().await;
+    async fn run(mut self, first: Utf8Bytes) {
+        let end = self.serve(first).await;
         if let End::Close(code, reason) = end {
             let _ = self.socket.send(close_message(code, reason.into())).await;
         }
     }
 
-    async fn serve(&mut self) -> End {
-        let snapshot = match self.state.store.snapshot(&self.user.user_id).await {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                tracing::warn!(%err, "no snapshot for a new WebSocket");
-                return End::Close(close::TRY_AGAIN_LATER, "ledger unavailable");
-            }
-        };
-        self.subscription.sent(snapshot.version);
-        let first = Update::new(app::wire::BalanceEvent::snapshot(snapshot));
-        if !self.send(Message::Text(first.json)).await {
+    async fn serve(&mut self, first: Utf8Bytes) -> End {
+        if !self.send(Message::Text(first)).await {
             return End::Silent;
         }
-
-        let timing = self.state.realtime;
-        let mut pings = interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
+        let timing = self.live.timing;
+        let expires = instant_of(self.user.expires_at);
+        let mut next_ping = Instant::now() + timing.ping_interval;
         let mut last_heard = Instant::now();
-        let expiry = sleep_until(instant_of(self.user.expires_at));
-        tokio::pin!(expiry);
-        let shutdown = self.state.shutdown.clone();
+        // One timer serves both the ping schedule and the token's expiry: every idle
+        // connection holds it, so it pays to have just one.
+        let timer = sleep_until(next_ping.min(expires));
+        tokio::pin!(timer);
         loop {
             tokio::select! {
                 update = self.subscription.next() => {
-                    let Some(update) = update else { return End::Close(close::RESTARTING, "hub closed") };
+                    // The hub closes every subscription when the server shuts down.
+                    let Some(update) = update else { return End::Close(close::RESTARTING, "server restarting") };
                     if !self.send(Message::Text(update.json.clone())).await {
                         return End::Silent;
                     }
-                    self.state.metrics.delivered(Transport::WebSocket, update.event.change.as_ref().map(|c| c.created_at));
+                    self.live.metrics.delivered(Transport::WebSocket, update.event.change.as_ref().map(|c| c.created_at));
                 }
                 frame = self.socket.recv() => {
                     last_heard = Instant::now();
@@ -166,16 +193,19 @@ impl Session {
                         Some(Err(_)) | None => return End::Silent,
                     }
                 }
-                _ = pings.tick() => {
-                    if last_heard.elapsed() > timing.idle_timeout {
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= expires {
+                        return End::Close(close::TOKEN_EXPIRED, "token expired");
+                    }
+                    if last_heard.elapsed() > timing.idle_timeout
+                        || !self.send(Message::Ping(Default::default())).await
+                    {
                         return End::Silent;
                     }
-                    if !self.send(Message::Ping(Default::default())).await {
-                        return End::Silent;
-                    }
+                    next_ping = now + timing.ping_interval;
+                    timer.as_mut().reset(next_ping.min(expires));
                 }
-                () = &mut expiry => return End::Close(close::TOKEN_EXPIRED, "token expired"),
-                () = shutdown.cancelled() => return End::Close(close::RESTARTING, "server restarting"),
             }
         }
     }
