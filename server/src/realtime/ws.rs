@@ -59,46 +59,50 @@ async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME);
+    match admit(&state, &caller, &headers).await {
+        Ok((subscription, first)) => {
+            let (tracker, live) = (state.tasks.clone(), Live::from(&state));
+            upgrade.on_upgrade(move |socket| {
+                tracker
+                    .track_future(Session::new(socket, live, caller.user, subscription).run(first))
+            })
+        }
+        Err((code, reason)) => upgrade.on_upgrade(move |socket| refuse(socket, code, reason)),
+    }
+}
+
+/// Checks the origin, subscribes, and reads the snapshot — before upgrading, so the session
+/// task never holds a database future and every idle connection stays small. A refusal is
+/// the close code and reason to send.
+async fn admit(
+    state: &AppState,
+    caller: &AuthUser,
+    headers: &HeaderMap,
+) -> Result<(Subscription, Utf8Bytes), (u16, String)> {
     if caller.source == TokenSource::Cookie
-        && !origin_allowed(&headers, &state.config.allowed_origins)
+        && !origin_allowed(headers, &state.config.allowed_origins)
     {
         state.metrics.refused("forbidden_origin");
-        return upgrade.on_upgrade(|socket| {
-            refuse(socket, close::FORBIDDEN_ORIGIN, "origin not allowed".into())
-        });
+        return Err((close::FORBIDDEN_ORIGIN, "origin not allowed".into()));
     }
-    let mut subscription = match state
-        .hub
-        .subscribe(&caller.user.user_id, Transport::WebSocket)
-    {
-        Ok(subscription) => subscription,
-        Err(refused) => {
-            let code = match refused {
-                Refused::TooMany { .. } => close::TOO_MANY_CONNECTIONS,
-                Refused::Closed => close::RESTARTING,
-            };
-            let reason = refused.to_string();
-            return upgrade.on_upgrade(move |socket| refuse(socket, code, reason));
-        }
-    };
-    // Read the snapshot before upgrading: the session task then never holds a database
-    // future, which keeps every idle connection small.
-    let snapshot = match state.store.snapshot(&caller.user.user_id).await {
-        Ok(snapshot) => snapshot,
-        Err(err) => {
-            tracing::warn!(%err, "no snapshot for a new WebSocket");
-            return upgrade.on_upgrade(|socket| {
-                refuse(socket, close::TRY_AGAIN_LATER, "ledger unavailable".into())
-            });
-        }
-    };
+    let user_id = &caller.user.user_id;
+    let mut subscription =
+        state
+            .hub
+            .subscribe(user_id, Transport::WebSocket)
+            .map_err(|refused| match refused {
+                Refused::TooMany { .. } => (close::TOO_MANY_CONNECTIONS, refused.to_string()),
+                Refused::Closed => (close::RESTARTING, refused.to_string()),
+            })?;
+    let snapshot = state.store.snapshot(user_id).await.map_err(|err| {
+        tracing::warn!(%err, "no snapshot for a new WebSocket");
+        (close::TRY_AGAIN_LATER, "ledger unavailable".to_owned())
+    })?;
     subscription.sent(snapshot.version);
-    let first = Update::new(BalanceEvent::snapshot(snapshot)).json;
-    let tracker = state.tasks.clone();
-    let live = Live::from(&state);
-    upgrade.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(socket, live, caller.user, subscription).run(first))
-    })
+    Ok((
+        subscription,
+        Update::new(BalanceEvent::snapshot(snapshot)).json,
+    ))
 }
 
 async fn refuse(mut socket: WebSocket, code: u16, reason: String) {
