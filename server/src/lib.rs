@@ -54,7 +54,10 @@ pub async fn run(
     let hub = state.hub.clone();
     let tasks = state.tasks.clone();
     let listener = listener::LimitedListener::new(listener, state.max_connections);
-    let serve = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+    // A make-service hands each connection a cheap clone of the router; serving the `Router`
+    // itself would copy every route per connection (~10 KiB, held by every SSE client).
+    let app = routes::router(state).into_make_service();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         signal.await;
         // Closing the hub ends every live connection and answers held long-polls.
         hub.close();
