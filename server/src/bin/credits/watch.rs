@@ -51,6 +51,22 @@ impl Output {
     }
 }
 
+/// Sends `request`; a transport error or a refusal becomes a one-line failure.
+pub async fn send(
+    url: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, Failure> {
+    let response = request
+        .send()
+        .await
+        .map_err(|err| Failure::unreachable(url, err))?;
+    if response.status().is_success() {
+        Ok(response)
+    } else {
+        Err(refusal(url, response).await)
+    }
+}
+
 /// A refused HTTP answer as a one-line failure.
 async fn refusal(url: &str, response: reqwest::Response) -> Failure {
     let status = response.status();
@@ -157,16 +173,10 @@ pub async fn open_sse(
     url: &str,
     token: &str,
 ) -> Result<EventStream, Failure> {
-    let response = client
+    let request = client
         .get(format!("{url}/api/credits/sse"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|err| Failure::unreachable(url, err))?;
-    if !response.status().is_success() {
-        return Err(refusal(url, response).await);
-    }
-    Ok(EventStream::new(response))
+        .bearer_auth(token);
+    Ok(EventStream::new(send(url, request).await?))
 }
 
 pub async fn sse(url: &str, token: &str, out: Output) -> Result<(), Failure> {
@@ -193,16 +203,11 @@ pub async fn poll(url: &str, token: &str, wait: u32, out: Output) -> Result<(), 
             Some(version) if wait > 0 => format!("?version={version}&wait={wait}"),
             _ => String::new(),
         };
-        let response = client
+        let request = client
             .get(format!("{url}/api/credits/balance/poll{query}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|err| Failure::unreachable(url, err))?;
-        if !response.status().is_success() {
-            return Err(refusal(url, response).await);
-        }
-        let answer: PollResponse = response
+            .bearer_auth(token);
+        let answer: PollResponse = send(url, request)
+            .await?
             .json()
             .await
             .map_err(|err| Failure::other(format!("unexpected answer: {err}")))?;
@@ -222,17 +227,12 @@ pub async fn simulate(
     request: &ChangeRequest,
     out: Output,
 ) -> Result<(), Failure> {
-    let response = reqwest::Client::new()
+    let post = reqwest::Client::new()
         .post(format!("{url}/api/credits/changes"))
         .bearer_auth(service_token)
-        .json(request)
-        .send()
-        .await
-        .map_err(|err| Failure::unreachable(url, err))?;
+        .json(request);
+    let response = send(url, post).await?;
     let replayed = response.headers().contains_key("idempotent-replayed");
-    if !response.status().is_success() {
-        return Err(refusal(url, response).await);
-    }
     let event: BalanceEvent = response
         .json()
         .await

@@ -1,0 +1,314 @@
+//! `credits bench`: capacity, fan-out, polling and change-throughput benchmarks against
+//! running instances. Loopback targets only; every run is bounded in count and time.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+mod capacity;
+mod fanout;
+mod load;
+
+use super::{Failure, Secret, ServiceAuth, watch::Output};
+
+/// Longest any benchmark phase may run.
+const MAX_DURATION: Duration = Duration::from_secs(15 * 60);
+/// Most connections one bench process opens (a process may open 20,000 files here).
+const MAX_CONNECTIONS: usize = 19_800;
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Open N idle connections, hold them, report how many held, the opening rate and the
+    /// server's RSS per connection.
+    Capacity {
+        /// `ws` or `sse`.
+        #[arg(long, default_value = "ws")]
+        transport: String,
+        #[arg(long)]
+        connections: usize,
+        /// How long to hold them open.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// The server's process id, to read its RSS.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[command(flatten)]
+        spread: Spread,
+        #[command(flatten)]
+        secret: Secret,
+    },
+    /// U users × C WebSocket connections while R changes/s are applied for D: delivered vs
+    /// expected, change→client delay, POST latency.
+    Fanout {
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value_t = 5)]
+        per_user: usize,
+        /// Changes per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Instances to apply changes through (default: --url); clients spread over --url.
+        #[arg(long, value_delimiter = ',')]
+        post_url: Vec<String>,
+        #[command(flatten)]
+        spread: Spread,
+        #[command(flatten)]
+        service: ServiceAuth,
+    },
+    /// P pollers polling as fast as they can for D: requests/s and latency.
+    Poll {
+        #[arg(long, default_value_t = 64)]
+        pollers: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        secret: Secret,
+    },
+    /// K concurrent clients commit N changes over U users: changes/s, then every final
+    /// balance is checked against the sum of its changes.
+    Changes {
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 10_000)]
+        total: usize,
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value = "bench-changes")]
+        prefix: String,
+        #[command(flatten)]
+        service: ServiceAuth,
+    },
+}
+
+/// How connections are spread: source addresses and user ids.
+#[derive(Args)]
+pub struct Spread {
+    /// Local source addresses (loopback has ~28,000 ports per address pair).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    sources: Vec<IpAddr>,
+    /// Prefix of the user ids, so parallel bench processes do not share users.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Connections being opened at the same time.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+impl Bench {
+    pub async fn run(self, url: &str, out: Output) -> Result<(), Failure> {
+        let target = loopback_target(url).await?;
+        let files = server::listener::raise_open_files_limit();
+        let lag = LoopLag::start();
+        match self {
+            Self::Capacity {
+                transport,
+                connections,
+                hold,
+                server_pid,
+                spread,
+                secret,
+            } => {
+                check(
+                    connections <= MAX_CONNECTIONS.min(files as usize),
+                    "--connections exceeds the open-files limit",
+                )?;
+                check(hold <= MAX_DURATION, "--hold is limited to 15 minutes")?;
+                capacity::run(
+                    url,
+                    target,
+                    &transport,
+                    connections,
+                    hold,
+                    server_pid,
+                    &spread,
+                    &secret,
+                    out,
+                )
+                .await?;
+            }
+            Self::Fanout {
+                users,
+                per_user,
+                rate,
+                duration,
+                post_url,
+                spread,
+                service,
+            } => {
+                check(
+                    users * per_user <= MAX_CONNECTIONS,
+                    "too many connections for one process",
+                )?;
+                check(
+                    duration <= MAX_DURATION,
+                    "--duration is limited to 15 minutes",
+                )?;
+                let posts = if post_url.is_empty() {
+                    vec![url.to_owned()]
+                } else {
+                    post_url
+                };
+                for post in &posts {
+                    loopback_target(post).await?;
+                }
+                fanout::run(
+                    url, target, users, per_user, rate, duration, &posts, &spread, &service, out,
+                )
+                .await?;
+            }
+            Self::Poll {
+                pollers,
+                duration,
+                secret,
+            } => {
+                check(
+                    duration <= MAX_DURATION,
+                    "--duration is limited to 15 minutes",
+                )?;
+                load::poll(url, pollers, duration, &secret, out).await?;
+            }
+            Self::Changes {
+                clients,
+                total,
+                users,
+                prefix,
+                service,
+            } => {
+                check(
+                    total <= 1_000_000 && users > 0,
+                    "--total is limited to 1,000,000",
+                )?;
+                load::changes(url, clients, total, users, &prefix, &service, out).await?;
+            }
+        }
+        let (p99, max) = lag.report();
+        out.line(
+            &format!("client event-loop lag: p99 {p99:.2} ms, max {max:.2} ms"),
+            &json!({ "client_loop_lag_ms": { "p99": p99, "max": max } }),
+        );
+        Ok(())
+    }
+}
+
+fn check(ok: bool, message: &str) -> Result<(), Failure> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::usage(message))
+    }
+}
+
+/// The socket address of `url`, refusing anything but loopback.
+async fn loopback_target(url: &str) -> Result<SocketAddr, Failure> {
+    let authority = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
+        .ok_or_else(|| Failure::usage(format!("{url} is not an http:// URL")))?;
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Failure::usage(format!("cannot resolve {authority}")))?;
+    check(
+        addr.ip().is_loopback(),
+        "benchmarks only target loopback addresses",
+    )?;
+    Ok(addr)
+}
+
+/// Percentiles of a sample, in its unit.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn summary(mut sample: Vec<f64>) -> serde_json::Value {
+    sample.sort_by(f64::total_cmp);
+    json!({
+        "count": sample.len(),
+        "p50": percentile(&sample, 0.50),
+        "p90": percentile(&sample, 0.90),
+        "p99": percentile(&sample, 0.99),
+        "max": sample.last().copied().unwrap_or(0.0),
+    })
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Measures how late a 10 ms timer fires on the client's own runtime.
+struct LoopLag {
+    samples: Arc<Mutex<Vec<f64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LoopLag {
+    fn start() -> Self {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&samples);
+        let task = tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let late = started.elapsed().as_secs_f64() * 1000.0 - 10.0;
+                record.lock().expect("lag samples").push(late.max(0.0));
+            }
+        });
+        Self { samples, task }
+    }
+
+    fn report(self) -> (f64, f64) {
+        self.task.abort();
+        let mut samples = self.samples.lock().expect("lag samples").clone();
+        samples.sort_by(f64::total_cmp);
+        (
+            percentile(&samples, 0.99),
+            samples.last().copied().unwrap_or(0.0),
+        )
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket from `source`, with small buffers so the client can hold many.
+async fn open_ws(
+    target: SocketAddr,
+    source: IpAddr,
+    host: &str,
+    token: &str,
+) -> Result<Socket, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| e.to_string())?;
+    let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let request = format!("ws://{host}/ws?token={token}");
+    let (socket, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn host_of(url: &str) -> &str {
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest.split('/').next().unwrap_or(rest))
+}
