@@ -361,3 +361,65 @@ async fn redis_outage_degrades_then_heals() {
     assert_eq!(after["balance"], 30);
     drop(redis);
 }
+
+/// With Redis unreachable at start-up the instance still starts and serves, reports
+/// `degraded` with the reason, and becomes ready once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_degraded_without_redis() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let dir = tempfile::tempdir().expect("dir");
+    let database = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let redis = format!("redis://127.0.0.1:{port}");
+    let server = ServerProcess::start(
+        dir.path(),
+        &[
+            ("JWT_SECRET", common::SECRET),
+            ("DATABASE_URL", &database),
+            ("REDIS_URL", &redis),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let readiness = || async {
+        http.get(format!("http://{}/readyz", server.addr))
+            .send()
+            .await
+            .expect("readyz")
+            .json::<Value>()
+            .await
+            .expect("JSON")
+    };
+    let degraded = readiness().await;
+    assert_eq!(
+        degraded,
+        json!({"status": "degraded", "reasons": ["redis"]})
+    );
+    let balance = http
+        .get(format!("http://{}/api/credits/balance", server.addr))
+        .bearer_auth(user_token("dora"))
+        .send()
+        .await
+        .expect("balance");
+    assert_eq!(balance.status(), 200, "serves while degraded");
+    // The start-up warning comes after a second without Redis.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let _redis = OwnRedis::start(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readiness().await["status"] != "ready" {
+        assert!(
+            Instant::now() < deadline,
+            "not ready 10 s after Redis came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.terminate();
+    let (_, logs) = server.wait(Duration::from_secs(10));
+    assert!(
+        logs.contains("Redis unreachable"),
+        "a log line says why: {logs}"
+    );
+}

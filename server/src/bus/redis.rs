@@ -105,6 +105,7 @@ impl RedisLink {
         ));
         tokio::spawn(Arc::clone(&link).forward(messages, hub, shutdown.clone()));
         tokio::spawn(log_errors(errors, shutdown));
+        tokio::spawn(Arc::clone(&link).report_unreachable_start());
         Ok(link)
     }
 
@@ -125,6 +126,17 @@ impl RedisLink {
             .await;
         if let Err(err) = published {
             tracing::warn!(%err, "publish to Redis failed; the change reached local clients only");
+        }
+    }
+
+    /// Says once, clearly, when Redis is not there at start-up: the instance serves anyway.
+    async fn report_unreachable_start(self: Arc<Self>) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !self.is_healthy() {
+            tracing::warn!(
+                "Redis unreachable at start-up: serving degraded (changes reach this instance's \
+                 clients only) and retrying until it answers"
+            );
         }
     }
 
