@@ -4,12 +4,15 @@ use app::{App, shell, wire::ErrorCode};
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderValue, header},
+    http::{HeaderValue, Method, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
 use leptos_axum::{LeptosRoutes, generate_route_list};
-use tower_http::trace::TraceLayer;
+use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
+    trace::TraceLayer,
+};
 use tracing::Span;
 
 use crate::{AppState, api, error::ApiError, health, metrics, pages, realtime};
@@ -36,8 +39,26 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             refuse_while_stopping,
         ))
+        .layer(cors(&state.config.allowed_origins))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// CORS for the origins in `CORS_ORIGINS`; with none listed, only same-origin pages may call
+/// the API from a browser (no CORS headers at all).
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_credentials(true)
 }
 
 /// Once shutdown has begun, requests still arriving on open keep-alive connections get 503

@@ -559,3 +559,28 @@ async fn database_outage_answers_503_then_recovers() {
     assert_eq!(send(&state, get("/readyz", None)).await.status, 200);
     assert_eq!(back.json()["balance"], 10);
 }
+
+/// Listed origins get CORS answers, with credentials; others get none.
+#[tokio::test]
+async fn cors_for_listed_origins_only() {
+    let (_db, state) = sqlite_state(&[("CORS_ORIGINS", "https://app.example")]).await;
+    for (origin, allowed) in [
+        ("https://app.example", true),
+        ("https://evil.example", false),
+    ] {
+        let preflight = Request::options("/api/credits/balance")
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .body(Body::empty())
+            .expect("request");
+        let answer = send(&state, preflight).await;
+        let allow = answer.headers.get("access-control-allow-origin");
+        if allowed {
+            assert_eq!(allow.map(|v| v.to_str().unwrap_or_default()), Some(origin));
+            assert_eq!(answer.headers["access-control-allow-credentials"], "true");
+        } else {
+            assert!(allow.is_none(), "{origin}");
+        }
+    }
+}
