@@ -40,11 +40,6 @@ impl ApiError {
         Self::new(ErrorCode::InvalidField, format!("{field}: {reason}"))
     }
 
-    /// The code this error answers with.
-    pub fn code(&self) -> ErrorCode {
-        self.code
-    }
-
     /// Logs `cause` once and answers with a generic message that reveals nothing of it.
     fn internal(cause: &dyn std::error::Error) -> Self {
         tracing::error!(error = %cause, "internal error");

@@ -104,12 +104,12 @@ impl Driver {
         match control {
             Control::Machine(input) => self.feed(input),
             Control::Event(event) => self.apply(*event),
-            Control::Refresh => self.spawn_action(refresh(self.controls.clone())),
+            Control::Refresh => spawn_local(refresh(self.controls.clone())),
             Control::SignInDev(user_id) => {
-                self.spawn_action(sign_in_dev(self.context, self.controls.clone(), user_id));
+                spawn_local(sign_in_dev(self.context, self.controls.clone(), user_id));
             }
             Control::SignInToken(token) => {
-                self.spawn_action(sign_in_token(self.context, self.controls.clone(), token));
+                spawn_local(sign_in_token(self.context, self.controls.clone(), token));
             }
             Control::SignedIn(user_id) => {
                 // A new user starts from scratch: no version of theirs has been seen.
@@ -123,17 +123,13 @@ impl Driver {
                 self.context.user.set(None);
                 self.context.balance.set(None);
                 self.context.ledger.set(None);
-                self.spawn_action(sign_out());
+                spawn_local(sign_out());
             }
             Control::Simulate { amount, kind } => {
-                self.spawn_action(simulate(self.context, amount, kind));
+                spawn_local(simulate(self.context, amount, kind));
             }
-            Control::LoadLedger { before } => self.spawn_action(load_ledger(self.context, before)),
+            Control::LoadLedger { before } => spawn_local(load_ledger(self.context, before)),
         }
-    }
-
-    fn spawn_action(&self, action: impl Future<Output = ()> + 'static) {
-        spawn_local(action);
     }
 
     /// Steps the machine and carries out its commands.
@@ -190,7 +186,7 @@ impl Driver {
                     Some(user_id) if self.context.dev_login => {
                         self.context
                             .note("token expired: signing in again (dev mode)");
-                        self.spawn_action(sign_in_dev(self.context, controls, user_id));
+                        spawn_local(sign_in_dev(self.context, controls, user_id));
                     }
                     _ => self
                         .context

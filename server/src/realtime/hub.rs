@@ -214,11 +214,6 @@ impl Subscription {
         self.last_version = self.last_version.max(version);
     }
 
-    /// The version this connection has seen last.
-    pub fn last_version(&self) -> i64 {
-        self.last_version
-    }
-
     /// The next change newer than anything this connection has seen. After falling behind,
     /// the backlog is skipped to its newest event.
     pub async fn next(&mut self) -> Option<Arc<Update>> {
