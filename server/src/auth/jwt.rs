@@ -47,7 +47,7 @@ pub fn rejection(err: &jsonwebtoken::errors::Error) -> AuthError {
     match err.kind() {
         ErrorKind::ExpiredSignature => AuthError::Expired,
         ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted"),
-        ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
         ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
         ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing exp claim"),
         _ => AuthError::Invalid("malformed token"),

@@ -48,6 +48,10 @@ pub enum AuthError {
     Missing,
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// Well-formed, but not signed with our secret: in Supabase mode, Supabase may still
+    /// vouch for it.
+    #[error("invalid token: bad signature")]
+    BadSignature,
     #[error("token expired")]
     Expired,
     #[error("{0}")]
@@ -131,7 +135,7 @@ impl Auth {
             match hs256.verify(token) {
                 Ok(claims) => return identity(claims.sub, claims.role, claims.exp),
                 // A token our secret cannot check may still be Supabase's to vouch for.
-                Err(AuthError::Invalid("bad signature")) if supabase.is_some() => {}
+                Err(AuthError::BadSignature) if supabase.is_some() => {}
                 Err(err) => return Err(err),
             }
         }
