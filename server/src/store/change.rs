@@ -25,11 +25,12 @@ pub struct NewChange {
 }
 
 impl NewChange {
-    /// Checks every field against SPEC §3 before any database work.
+    /// Checks every field against SPEC §3 before any database work, and returns the metadata
+    /// as the JSON text that is stored (encoded once, for the size check and the row).
     ///
     /// # Errors
     /// `Invalid` naming the field, or `OutOfRange` for an amount beyond ±(2^53 − 1).
-    pub fn validate(&self) -> Result<(), StoreError> {
+    pub fn validate(&self) -> Result<String, StoreError> {
         validate_user_id(&self.user_id)?;
         if self.amount == 0 {
             return Err(StoreError::invalid("amount", "must not be zero"));
@@ -46,9 +47,9 @@ impl NewChange {
                 "must match [a-z][a-z0-9_]{0,31}, e.g. purchase",
             ));
         }
-        let metadata_len = serde_json::to_string(&self.metadata)
-            .map(|text| text.len())
-            .unwrap_or(usize::MAX);
+        let metadata = serde_json::to_string(&self.metadata)
+            .map_err(|err| StoreError::invalid("metadata", err.to_string()))?;
+        let metadata_len = metadata.len();
         if metadata_len > MAX_METADATA_BYTES {
             return Err(StoreError::invalid(
                 "metadata",
@@ -63,7 +64,7 @@ impl NewChange {
                 format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
             ));
         }
-        Ok(())
+        Ok(metadata)
     }
 
     /// The balance after this change, refusing a negative or out-of-range result.

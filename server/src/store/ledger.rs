@@ -38,9 +38,11 @@ pub(super) trait LedgerTx: Send {
 }
 
 /// Applies a validated change in `tx`, committing only when the change is accepted.
+/// `metadata` is the change's metadata as validated and encoded.
 pub(super) async fn apply(
     mut tx: impl LedgerTx,
     change: &NewChange,
+    metadata: &str,
 ) -> Result<Applied, StoreError> {
     let (balance, version) = tx.lock_account(&change.user_id).await?;
     if let Some(key) = &change.idempotency_key
@@ -60,12 +62,10 @@ pub(super) async fn apply(
         // PostgreSQL keeps microseconds; rounding here makes a replay return the same instant.
         created_at: Utc::now().trunc_subsecs(6),
     };
-    let metadata = serde_json::to_string(&change.metadata)
-        .map_err(|err| StoreError::Corrupt(format!("metadata: {err}")))?;
     tx.append(
         &change.user_id,
         &row,
-        &metadata,
+        metadata,
         change.idempotency_key.as_deref(),
     )
     .await?;

@@ -161,10 +161,10 @@ impl Store {
     /// # Errors
     /// Every refusal of `StoreError`; a refused change leaves no trace and keeps its key unused.
     pub async fn apply(&self, change: &NewChange) -> Result<Applied, StoreError> {
-        change.validate()?;
+        let metadata = change.validate()?;
         match &self.backend {
-            Backend::Sqlite(db) => ledger::apply(db.begin_write().await?, change).await,
-            Backend::Postgres(db) => ledger::apply(db.begin().await?, change).await,
+            Backend::Sqlite(db) => ledger::apply(db.begin_write().await?, change, &metadata).await,
+            Backend::Postgres(db) => ledger::apply(db.begin().await?, change, &metadata).await,
         }
     }
 
