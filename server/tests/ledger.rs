@@ -38,6 +38,7 @@ on_both_databases!(
     two_pools_lose_no_update,
     concurrent_idempotent_requests_apply_once,
     refused_changes_leave_no_trace,
+    refusals_among_concurrent_changes_stay_local,
     ledger_pages_newest_first,
 );
 
@@ -169,6 +170,52 @@ async fn concurrent_idempotent_requests_apply_once(db: TestDb) {
         store.apply(&conflicting).await,
         Err(StoreError::IdempotencyConflict)
     ));
+}
+
+/// Concurrent changes are committed together; each still gets the outcome it would have
+/// alone. 30 withdrawals of 1 from a balance of 10, racing 30 other users' deposits: exactly 10
+/// withdrawals apply, 20 are refused, every deposit applies, and the ledger has no gap.
+async fn refusals_among_concurrent_changes_stay_local(db: TestDb) {
+    let store = Store::connect(&db.url).await.expect("connects");
+    applied(store.apply(&change("spender", 10)).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (spender, saver) = (store.clone(), store.clone());
+        tasks.spawn(async move { (true, spender.apply(&change("spender", -1)).await) });
+        tasks.spawn(async move { (false, saver.apply(&change(&format!("saver-{i}"), 1)).await) });
+    }
+    let (mut withdrawn, mut refused) = (0, 0);
+    for (withdrawal, result) in tasks.join_all().await {
+        match result {
+            Ok(Applied::New(_)) if withdrawal => withdrawn += 1,
+            Err(StoreError::InsufficientCredits {
+                balance: 0,
+                amount: -1,
+            }) if withdrawal => {
+                refused += 1;
+            }
+            Ok(Applied::New(event)) => assert_eq!((event.balance, event.version), (1, 1)),
+            other => panic!("unexpected outcome (withdrawal: {withdrawal}): {other:?}"),
+        }
+    }
+    assert_eq!((withdrawn, refused), (10, 20));
+    let spender = store.snapshot("spender").await.expect("snapshot");
+    assert_eq!((spender.balance, spender.version), (0, 11));
+    let page = store
+        .transactions("spender", 100, None)
+        .await
+        .expect("page");
+    let versions: Vec<i64> = page.items.iter().map(|t| t.version).collect();
+    assert_eq!(versions, (1..=11).rev().collect::<Vec<_>>());
+    let balances: Vec<i64> = page.items.iter().map(|t| t.balance_after).collect();
+    assert_eq!(balances, (0..=10).collect::<Vec<_>>());
+    for i in 0..30 {
+        let saver = store
+            .snapshot(&format!("saver-{i}"))
+            .await
+            .expect("snapshot");
+        assert_eq!((saver.balance, saver.version), (1, 1));
+    }
 }
 
 /// Refusals change nothing: balance, version and ledger stay, and the key stays unused.

@@ -3,11 +3,14 @@
 //! rules of a change live in `change` and the transaction's steps in `ledger`, once for both.
 
 mod change;
+mod committer;
 mod ledger;
 mod postgres;
 mod sqlite;
 
 use app::wire::{BalanceEvent, BalanceSnapshot, Metadata, Transaction, TransactionPage};
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 pub use change::{NewChange, validate_user_id};
@@ -19,8 +22,9 @@ pub const DEFAULT_PAGE_LIMIT: u32 = 20;
 /// Largest page of the ledger listing.
 pub const MAX_PAGE_LIMIT: u32 = 100;
 
-/// Why a store operation did not happen. Nothing was changed in any case.
-#[derive(Debug, thiserror::Error)]
+/// Why a store operation did not happen. Nothing was changed in any case. Cloneable because
+/// one failed batch answers every change in it.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{field} {reason}")]
     Invalid { field: &'static str, reason: String },
@@ -32,11 +36,11 @@ pub enum StoreError {
     IdempotencyConflict,
     /// The database cannot be reached or is overloaded; retrying later may succeed.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Arc<sqlx::Error>),
     #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] Arc<sqlx::Error>),
     #[error("database migration failed: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    Migrate(#[source] Arc<sqlx::migrate::MigrateError>),
     #[error("corrupt ledger row: {0}")]
     Corrupt(String),
 }
@@ -53,9 +57,9 @@ impl StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         if is_unavailable(&err) {
-            Self::Unavailable(err)
+            Self::Unavailable(Arc::new(err))
         } else {
-            Self::Database(err)
+            Self::Database(Arc::new(err))
         }
     }
 }
@@ -90,10 +94,11 @@ pub enum Applied {
     Replayed(BalanceEvent),
 }
 
-/// A cheap handle to the ledger database; clones share one pool.
+/// A cheap handle to the ledger database; clones share one pool and one writer queue.
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    committer: committer::Committer,
 }
 
 #[derive(Clone, Debug)]
@@ -109,11 +114,18 @@ impl Store {
     /// # Errors
     /// When the database cannot be opened or migrated.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
-        let backend = match url {
-            DatabaseUrl::Sqlite(url) => Backend::Sqlite(sqlite::Db::connect(url).await?),
-            DatabaseUrl::Postgres(url) => Backend::Postgres(postgres::Db::connect(url).await?),
+        let (backend, writers) = match url {
+            DatabaseUrl::Sqlite(url) => (
+                Backend::Sqlite(sqlite::Db::connect(url).await?),
+                sqlite::WRITERS,
+            ),
+            DatabaseUrl::Postgres(url) => (
+                Backend::Postgres(postgres::Db::connect(url).await?),
+                postgres::WRITERS,
+            ),
         };
-        Ok(Self { backend })
+        let committer = committer::Committer::spawn(backend.clone(), writers);
+        Ok(Self { backend, committer })
     }
 
     /// The user's current balance; a user never seen has balance 0 and version 0.
@@ -156,16 +168,19 @@ impl Store {
     }
 
     /// Applies one change atomically: validate, check the idempotency key, append the ledger
-    /// row, update the account to the new balance and `version + 1`.
+    /// row, update the account to the new balance and `version + 1`. Concurrent changes are
+    /// committed together (see `committer`), each with the outcome it would have alone.
     ///
     /// # Errors
     /// Every refusal of `StoreError`; a refused change leaves no trace and keeps its key unused.
     pub async fn apply(&self, change: &NewChange) -> Result<Applied, StoreError> {
         let metadata = change.validate()?;
-        match &self.backend {
-            Backend::Sqlite(db) => ledger::apply(db.begin_write().await?, change, &metadata).await,
-            Backend::Postgres(db) => ledger::apply(db.begin().await?, change, &metadata).await,
-        }
+        self.committer
+            .apply(ledger::Validated {
+                change: change.clone(),
+                metadata,
+            })
+            .await
     }
 
     /// A page of the user's ledger, newest first, strictly older than version `before`.
@@ -239,6 +254,15 @@ impl LedgerRow {
             created_at: self.created_at,
         })
     }
+}
+
+/// A ledger row found by its idempotency key.
+#[derive(sqlx::FromRow)]
+struct KeyedRow {
+    user_id: String,
+    idempotency_key: String,
+    #[sqlx(flatten)]
+    row: LedgerRow,
 }
 
 /// An account row: balance, version, updated_at.

@@ -1,18 +1,24 @@
 //! The PostgreSQL backend, for several instances sharing one ledger. The account row lock
 //! taken by the upsert serialises changes of one user across every instance.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
-use app::wire::Transaction;
+use chrono::{DateTime, Utc};
 use sqlx::{
     PgPool, Postgres,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use super::{AccountRow, LedgerRow, NamedAccountRow, StoreError, ledger::LedgerTx};
+use super::{
+    AccountRow, KeyedRow, LedgerRow, NamedAccountRow, StoreError,
+    ledger::{AccountState, Entry, LedgerTx},
+};
 
 /// Connections per instance.
 const POOL_SIZE: u32 = 16;
+/// Batches committed at a time: enough to overlap round trips and the commit's WAL flush,
+/// few enough to leave the pool's other connections to readers.
+pub(super) const WRITERS: usize = 4;
 /// How long a request waits for a connection before answering 503, so an unreachable
 /// database fails requests fast instead of piling them up.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,7 +39,7 @@ impl Db {
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
             .await
-            .map_err(StoreError::Migrate)?;
+            .map_err(|err| StoreError::Migrate(Arc::new(err)))?;
         Ok(Self { pool })
     }
 
@@ -88,58 +94,69 @@ impl Db {
 }
 
 impl LedgerTx for sqlx::Transaction<'_, Postgres> {
-    async fn lock_account(&mut self, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
-        // The no-op update on conflict takes the row lock, like SELECT … FOR UPDATE, and
-        // creates a missing account in the same round trip.
+    // Lists travel as arrays, one per column, so each step is one prepared statement
+    // whatever the batch size.
+
+    async fn lock_accounts(
+        &mut self,
+        user_ids: &[&str],
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        // The no-op update on conflict takes each row lock, like SELECT … FOR UPDATE, and
+        // creates the missing accounts in the same round trip, in the order given.
         sqlx::query_as(
-            "INSERT INTO credit_accounts (user_id, balance, version) VALUES ($1, 0, 0) \
+            "INSERT INTO credit_accounts (user_id, balance, version) \
+             SELECT id, 0, 0 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY n \
              ON CONFLICT (user_id) DO UPDATE SET version = credit_accounts.version \
-             RETURNING balance, version",
+             RETURNING user_id, balance, version",
         )
-        .bind(user_id)
-        .fetch_one(&mut **self)
+        .bind(user_ids)
+        .fetch_all(&mut **self)
         .await
     }
 
-    async fn find_by_key(
-        &mut self,
-        user_id: &str,
-        key: &str,
-    ) -> Result<Option<LedgerRow>, sqlx::Error> {
+    async fn find_by_keys(&mut self, keys: &[(&str, &str)]) -> Result<Vec<KeyedRow>, sqlx::Error> {
+        let (user_ids, keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         sqlx::query_as(
-            "SELECT id, amount, type, metadata, balance_after, version, created_at \
-             FROM credit_transactions WHERE user_id = $1 AND idempotency_key = $2",
+            "SELECT t.user_id, t.idempotency_key, t.id, t.amount, t.type, t.metadata, \
+             t.balance_after, t.version, t.created_at \
+             FROM UNNEST($1::text[], $2::text[]) AS k(user_id, key) JOIN credit_transactions AS t \
+             ON t.user_id = k.user_id AND t.idempotency_key = k.key \
+             WHERE t.idempotency_key IS NOT NULL",
         )
-        .bind(user_id)
-        .bind(key)
-        .fetch_optional(&mut **self)
+        .bind(user_ids)
+        .bind(keys)
+        .fetch_all(&mut **self)
         .await
     }
 
     async fn append(
         &mut self,
-        user_id: &str,
-        row: &Transaction,
-        metadata: &str,
-        key: Option<&str>,
+        entries: &[Entry<'_>],
+        accounts: &[AccountState<'_>],
+        at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "WITH entry AS ( \
                  INSERT INTO credit_transactions \
                  (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)) \
-             UPDATE credit_accounts SET balance = $7, version = $8, updated_at = $9 \
-             WHERE user_id = $2",
+                 SELECT *, $9 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], \
+                     $5::text[], $6::text[], $7::int8[], $8::int8[])) \
+             UPDATE credit_accounts AS a SET balance = s.balance, version = s.version, updated_at = $9 \
+             FROM UNNEST($10::text[], $11::int8[], $12::int8[]) AS s(user_id, balance, version) \
+             WHERE a.user_id = s.user_id",
         )
-        .bind(&row.id)
-        .bind(user_id)
-        .bind(row.amount)
-        .bind(&row.kind)
-        .bind(metadata)
-        .bind(key)
-        .bind(row.balance_after)
-        .bind(row.version)
-        .bind(row.created_at)
+        .bind(entries.iter().map(|e| e.row.id.as_str()).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.row.amount).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.row.kind.as_str()).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.metadata).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.key).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.row.balance_after).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| e.row.version).collect::<Vec<_>>())
+        .bind(at)
+        .bind(accounts.iter().map(|a| a.user_id).collect::<Vec<_>>())
+        .bind(accounts.iter().map(|a| a.balance).collect::<Vec<_>>())
+        .bind(accounts.iter().map(|a| a.version).collect::<Vec<_>>())
         .execute(&mut **self)
         .await?;
         Ok(())

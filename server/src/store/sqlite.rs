@@ -1,20 +1,25 @@
 //! The SQLite backend: one file in WAL mode, one writer connection (SQLite admits one writer
 //! at a time, so queueing in the pool beats spinning on the busy lock) and a few readers.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
-use app::wire::Transaction;
+use chrono::{DateTime, Utc};
 use sqlx::{
     Sqlite, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
-use super::{AccountRow, LedgerRow, NamedAccountRow, StoreError, ledger::LedgerTx};
+use super::{
+    AccountRow, KeyedRow, LedgerRow, NamedAccountRow, StoreError,
+    ledger::{AccountState, Entry, LedgerTx},
+};
 
 /// How long a writer waits for another process's write lock before giving up (→ 503).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Concurrent readers; WAL lets them run beside the writer.
 const READERS: u32 = 4;
+/// Batches committed at a time: SQLite has one writer.
+pub(super) const WRITERS: usize = 1;
 
 #[derive(Clone, Debug)]
 pub(super) struct Db {
@@ -33,7 +38,8 @@ impl Db {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         if let Some(dir) = options.get_filename().parent() {
-            std::fs::create_dir_all(dir).map_err(|err| StoreError::Unavailable(err.into()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|err| StoreError::Unavailable(Arc::new(err.into())))?;
         }
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -43,7 +49,7 @@ impl Db {
         sqlx::migrate!("./migrations/sqlite")
             .run(&writer)
             .await
-            .map_err(StoreError::Migrate)?;
+            .map_err(|err| StoreError::Migrate(Arc::new(err)))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
             .connect_with(options.read_only(true))
@@ -73,13 +79,11 @@ impl Db {
         user_ids: &[String],
     ) -> Result<Vec<NamedAccountRow>, StoreError> {
         // One statement for any number of ids: the list travels as a JSON array.
-        let ids =
-            serde_json::to_string(user_ids).map_err(|err| StoreError::Corrupt(err.to_string()))?;
         Ok(sqlx::query_as(
             "SELECT user_id, balance, version, updated_at FROM credit_accounts \
              WHERE user_id IN (SELECT value FROM json_each(?))",
         )
-        .bind(ids)
+        .bind(json(user_ids)?)
         .fetch_all(&self.reader)
         .await?)
     }
@@ -109,63 +113,82 @@ impl Db {
 }
 
 impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
-    async fn lock_account(&mut self, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
-        // BEGIN IMMEDIATE already holds the database's write lock.
+    // Lists travel as one JSON array bound to one parameter, so each step is one prepared
+    // statement whatever the batch size.
+
+    async fn lock_accounts(
+        &mut self,
+        user_ids: &[&str],
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        // BEGIN IMMEDIATE already holds the database's write lock; this creates the missing.
         sqlx::query_as(
-            "INSERT INTO credit_accounts (user_id, balance, version) VALUES (?, 0, 0) \
+            "INSERT INTO credit_accounts (user_id, balance, version) \
+             SELECT value, 0, 0 FROM json_each(?) WHERE true \
              ON CONFLICT (user_id) DO UPDATE SET version = version \
-             RETURNING balance, version",
+             RETURNING user_id, balance, version",
         )
-        .bind(user_id)
-        .fetch_one(&mut **self)
+        .bind(json(user_ids)?)
+        .fetch_all(&mut **self)
         .await
     }
 
-    async fn find_by_key(
-        &mut self,
-        user_id: &str,
-        key: &str,
-    ) -> Result<Option<LedgerRow>, sqlx::Error> {
+    async fn find_by_keys(&mut self, keys: &[(&str, &str)]) -> Result<Vec<KeyedRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, amount, type, metadata, balance_after, version, created_at \
-             FROM credit_transactions WHERE user_id = ? AND idempotency_key = ?",
+            "SELECT t.user_id, t.idempotency_key, t.id, t.amount, t.type, t.metadata, \
+             t.balance_after, t.version, t.created_at \
+             FROM json_each(?) AS k JOIN credit_transactions AS t \
+             ON t.user_id = k.value ->> 0 AND t.idempotency_key = k.value ->> 1 \
+             WHERE t.idempotency_key IS NOT NULL",
         )
-        .bind(user_id)
-        .bind(key)
-        .fetch_optional(&mut **self)
+        .bind(json(keys)?)
+        .fetch_all(&mut **self)
         .await
     }
 
     async fn append(
         &mut self,
-        user_id: &str,
-        row: &Transaction,
-        metadata: &str,
-        key: Option<&str>,
+        entries: &[Entry<'_>],
+        accounts: &[AccountState<'_>],
+        at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
+        let rows: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.row.id,
+                    "user_id": e.user_id,
+                    "amount": e.row.amount,
+                    "type": e.row.kind,
+                    "metadata": e.metadata,
+                    "key": e.key,
+                    "balance_after": e.row.balance_after,
+                    "version": e.row.version,
+                })
+            })
+            .collect();
         sqlx::query(
             "INSERT INTO credit_transactions \
              (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', value ->> 'type', \
+             value ->> 'metadata', value ->> 'key', value ->> 'balance_after', \
+             value ->> 'version', ?2 \
+             FROM json_each(?1)",
         )
-        .bind(&row.id)
-        .bind(user_id)
-        .bind(row.amount)
-        .bind(&row.kind)
-        .bind(metadata)
-        .bind(key)
-        .bind(row.balance_after)
-        .bind(row.version)
-        .bind(row.created_at)
+        .bind(json(&rows)?)
+        .bind(at)
         .execute(&mut **self)
         .await?;
+        let states: Vec<_> = accounts
+            .iter()
+            .map(|a| (a.user_id, a.balance, a.version))
+            .collect();
         sqlx::query(
-            "UPDATE credit_accounts SET balance = ?, version = ?, updated_at = ? WHERE user_id = ?",
+            "UPDATE credit_accounts \
+             SET balance = a.value ->> 1, version = a.value ->> 2, updated_at = ?2 \
+             FROM json_each(?1) AS a WHERE credit_accounts.user_id = a.value ->> 0",
         )
-        .bind(row.balance_after)
-        .bind(row.version)
-        .bind(row.created_at)
-        .bind(user_id)
+        .bind(json(&states)?)
+        .bind(at)
         .execute(&mut **self)
         .await?;
         Ok(())
@@ -174,4 +197,8 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     async fn commit(self) -> Result<(), sqlx::Error> {
         sqlx::Transaction::commit(self).await
     }
+}
+
+fn json(value: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|err| sqlx::Error::Encode(err.into()))
 }
