@@ -1,6 +1,6 @@
 //! The state every handler shares: cheap to clone, one `Arc` or pool handle per part.
 
-use std::sync::Arc;
+use std::{ops::Deref, sync::Arc};
 
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
@@ -16,9 +16,13 @@ use crate::{
     store::Store,
 };
 
-/// Handed to axum's `with_state` and, through [`FromRef`], to the Leptos handlers.
+/// Handed to axum's `with_state` and, through [`FromRef`], to the Leptos handlers. One `Arc`,
+/// because axum clones the state for every extractor and layer of every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub config: Arc<Config>,
     pub leptos: LeptosOptions,
     pub store: Store,
@@ -77,7 +81,7 @@ impl AppState {
         let max_connections = config
             .max_connections
             .unwrap_or_else(listener::connection_capacity);
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             leptos: config.leptos.clone(),
             realtime: config.realtime,
             config: Arc::new(config),
@@ -89,7 +93,15 @@ impl AppState {
             max_connections,
             shutdown,
             tasks: TaskTracker::new(),
-        })
+        })))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 
