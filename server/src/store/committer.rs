@@ -75,6 +75,7 @@ async fn run(backend: Backend, mut waiting: mpsc::Receiver<Queued>, writers: usi
 /// unreachable database, each change is retried alone, so one change the database rejects
 /// cannot fail the others.
 async fn commit(backend: &Backend, batch: Vec<Queued>) {
+    tracing::debug!(size = batch.len(), "committing a batch");
     let changes: Vec<&Validated> = batch.iter().map(|q| &q.validated).collect();
     match backend.apply(&changes).await {
         Ok(outcomes) => {

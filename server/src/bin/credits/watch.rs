@@ -1,7 +1,7 @@
 //! Watching one user's balance over each transport, and applying a change, as the seed's
 //! test tools did: every update is printed with its version and the delay since the change.
 
-use std::time::Duration;
+use std::{io::Write, time::Duration};
 
 use app::wire::{ApiError, BalanceEvent, ChangeRequest, PollResponse, WsServerMsg, close};
 use futures::StreamExt;
@@ -17,12 +17,16 @@ pub struct Output {
 }
 
 impl Output {
-    /// Prints `text`, or `value` as one line of JSON.
+    /// Prints `text`, or `value` as one line of JSON. Once stdout is closed (`credits ws … |
+    /// head`) nobody reads on, so the program ends quietly, as shell tools do.
     pub fn line(&self, text: &str, value: &Value) {
-        if self.json {
-            println!("{value}");
+        let written = if self.json {
+            writeln!(std::io::stdout(), "{value}")
         } else {
-            println!("{text}");
+            writeln!(std::io::stdout(), "{text}")
+        };
+        if written.is_err() {
+            std::process::exit(0);
         }
     }
 
