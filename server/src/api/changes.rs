@@ -1,10 +1,11 @@
 //! Balance changes requested by a service (SPEC §5 `POST /api/credits/changes`).
 
-use app::wire::{BalanceEvent, ChangeRequest};
+use app::wire::ChangeRequest;
 use axum::{
     Json, Router,
+    body::Bytes,
     extract::State,
-    http::{HeaderName, HeaderValue, StatusCode},
+    http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -43,8 +44,17 @@ async fn create(
 pub async fn apply(state: &AppState, change: &NewChange) -> Result<Response, ApiError> {
     Ok(match state.store.apply(change).await? {
         Applied::New(event) => {
-            state.bus.publish(event.clone()).await;
-            (StatusCode::CREATED, Json::<BalanceEvent>(event)).into_response()
+            let update = state.bus.publish(event).await;
+            // The event's JSON as encoded once for every live connection.
+            (
+                StatusCode::CREATED,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                Bytes::from(update.json.clone()),
+            )
+                .into_response()
         }
         Applied::Replayed(event) => (
             StatusCode::OK,

@@ -59,14 +59,16 @@ impl Bus {
         })
     }
 
-    /// Hands a committed change to every connection of its user, here and elsewhere.
-    pub async fn publish(&self, event: BalanceEvent) {
+    /// Hands a committed change to every connection of its user, here and elsewhere; returns
+    /// it as encoded for them.
+    pub async fn publish(&self, event: BalanceEvent) -> Arc<Update> {
         self.metrics.published();
         let update = Arc::new(Update::new(event));
         self.hub.deliver(Arc::clone(&update));
         if let Some(redis) = &self.redis {
             redis.publish(&update).await;
         }
+        update
     }
 
     /// Why delivery is degraded right now; empty when healthy.
