@@ -120,16 +120,18 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         &mut self,
         user_ids: &[&str],
     ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
-        // BEGIN IMMEDIATE already holds the database's write lock; this creates the missing.
-        sqlx::query_as(
+        // BEGIN IMMEDIATE already holds the database's write lock; this creates the missing
+        // accounts and reads them all back as one JSON row: one handoff to the SQLite thread.
+        let accounts: String = sqlx::query_scalar(
             "INSERT INTO credit_accounts (user_id, balance, version) \
-             SELECT value, 0, 0 FROM json_each(?) WHERE true \
-             ON CONFLICT (user_id) DO UPDATE SET version = version \
-             RETURNING user_id, balance, version",
+             SELECT value, 0, 0 FROM json_each(?1) WHERE true ON CONFLICT (user_id) DO NOTHING; \
+             SELECT json_group_array(json_array(user_id, balance, version)) \
+             FROM credit_accounts WHERE user_id IN (SELECT value FROM json_each(?1))",
         )
         .bind(json(user_ids)?)
-        .fetch_all(&mut **self)
-        .await
+        .fetch_one(&mut **self)
+        .await?;
+        serde_json::from_str(&accounts).map_err(|err| sqlx::Error::Decode(err.into()))
     }
 
     async fn find_by_keys(&mut self, keys: &[(&str, &str)]) -> Result<Vec<KeyedRow>, sqlx::Error> {
@@ -166,27 +168,23 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
                 })
             })
             .collect();
+        let states: Vec<_> = accounts
+            .iter()
+            .map(|a| (a.user_id, a.balance, a.version))
+            .collect();
+        // Both statements in one query: one handoff to the SQLite thread.
         sqlx::query(
             "INSERT INTO credit_transactions \
              (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, created_at) \
              SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', value ->> 'type', \
              value ->> 'metadata', value ->> 'key', value ->> 'balance_after', \
-             value ->> 'version', ?2 \
-             FROM json_each(?1)",
+             value ->> 'version', ?3 \
+             FROM json_each(?1); \
+             UPDATE credit_accounts \
+             SET balance = a.value ->> 1, version = a.value ->> 2, updated_at = ?3 \
+             FROM json_each(?2) AS a WHERE credit_accounts.user_id = a.value ->> 0",
         )
         .bind(json(&rows)?)
-        .bind(at)
-        .execute(&mut **self)
-        .await?;
-        let states: Vec<_> = accounts
-            .iter()
-            .map(|a| (a.user_id, a.balance, a.version))
-            .collect();
-        sqlx::query(
-            "UPDATE credit_accounts \
-             SET balance = a.value ->> 1, version = a.value ->> 2, updated_at = ?2 \
-             FROM json_each(?1) AS a WHERE credit_accounts.user_id = a.value ->> 0",
-        )
         .bind(json(&states)?)
         .bind(at)
         .execute(&mut **self)
