@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use app::wire::BalanceSnapshot;
+use app::wire::{BalanceSnapshot, ChangeRequest};
 use serde_json::json;
 use tokio::task::JoinSet;
 
@@ -102,14 +102,16 @@ pub async fn changes(
         tokens.push(token);
     }
     let next = Arc::new(AtomicUsize::new(0));
+    let endpoint = reqwest::Url::parse(&format!("{url}/api/credits/changes"))
+        .map_err(|err| Failure::usage(format!("--url: {err}")))?;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..clients.max(1) {
-        let (http, next, token, url) = (
+        let (http, next, token, endpoint) = (
             http.clone(),
             next.clone(),
             service_token.clone(),
-            url.to_owned(),
+            endpoint.clone(),
         );
         let prefix = prefix.to_owned();
         tasks.spawn(async move {
@@ -121,8 +123,20 @@ pub async fn changes(
                     break;
                 }
                 let (user, amount) = (n % users, 1 + (n % 7) as i64);
-                let request = json!({ "user_id": format!("{prefix}-{user}"), "amount": amount, "type": "bench" });
-                match http.post(format!("{url}/api/credits/changes")).bearer_auth(&token).json(&request).send().await {
+                let request = ChangeRequest {
+                    user_id: format!("{prefix}-{user}"),
+                    amount,
+                    kind: "bench".to_owned(),
+                    metadata: None,
+                    idempotency_key: None,
+                };
+                match http
+                    .post(endpoint.clone())
+                    .bearer_auth(&token)
+                    .json(&request)
+                    .send()
+                    .await
+                {
                     Ok(response) if response.status() == reqwest::StatusCode::CREATED => {
                         *applied.entry(user).or_default() += amount;
                     }
