@@ -26,6 +26,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 /// Reconnect backoff: from 100 ms, doubling, up to 5 s.
 const BACKOFF_MIN_MS: u32 = 100;
 const BACKOFF_MAX_MS: u32 = 5_000;
+/// Messages from Redis that may wait for the hub; other instances publish a whole group
+/// commit at once, so bursts are the norm. Beyond it, the missed users are resynced.
+const MESSAGE_BACKLOG: usize = 4096;
 /// Users whose snapshots are re-read per query after an outage.
 const RESYNC_BATCH: usize = 500;
 
@@ -79,7 +82,10 @@ impl RedisLink {
                 BACKOFF_MAX_MS,
                 2,
             ))
-            .with_performance_config(|perf| perf.default_command_timeout = PUBLISH_TIMEOUT)
+            .with_performance_config(|perf| {
+                perf.default_command_timeout = PUBLISH_TIMEOUT;
+                perf.broadcast_channel_capacity = MESSAGE_BACKLOG;
+            })
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(2);
                 conn.internal_command_timeout = Duration::from_secs(2);
@@ -99,33 +105,41 @@ impl RedisLink {
         tokio::spawn(Arc::clone(&link).resubscribe_on_reconnect(
             reconnects,
             hub.clone(),
-            store,
+            store.clone(),
             metrics,
             shutdown.clone(),
         ));
-        tokio::spawn(Arc::clone(&link).forward(messages, hub, shutdown.clone()));
+        tokio::spawn(Arc::clone(&link).forward(messages, hub, store, shutdown.clone()));
         tokio::spawn(log_errors(errors, shutdown));
         tokio::spawn(Arc::clone(&link).report_unreachable_start());
         Ok(link)
     }
 
-    /// Publishes a committed change to the other instances. Failures only degrade delivery:
-    /// the change is committed and was delivered locally; the next resync heals the rest.
-    pub async fn publish(&self, update: &Update) {
+    /// Publishes committed changes to the other instances, in order, in one round trip.
+    /// Failures only degrade delivery: the changes are committed and were delivered locally;
+    /// the next resync heals the rest.
+    pub async fn publish(&self, updates: &[Arc<Update>]) {
         if !self.publisher.is_connected() {
             return;
         }
-        let payload = format!(
-            r#"{{"origin":"{}","event":{}}}"#,
-            self.origin,
-            update.json.as_str()
-        );
-        let published = self
-            .publisher
-            .publish::<i64, _, _>(self.channel.as_str(), payload)
-            .await;
-        if let Err(err) = published {
-            tracing::warn!(%err, "publish to Redis failed; the change reached local clients only");
+        let pipeline = self.publisher.pipeline();
+        for update in updates {
+            let payload = format!(
+                r#"{{"origin":"{}","event":{}}}"#,
+                self.origin,
+                update.json.as_str()
+            );
+            // Only queues the command; `all` sends them.
+            if let Err(err) = pipeline
+                .publish::<(), _, _>(self.channel.as_str(), payload)
+                .await
+            {
+                tracing::warn!(%err, "cannot queue a publish to Redis");
+                return;
+            }
+        }
+        if let Err(err) = pipeline.all::<Vec<i64>>().await {
+            tracing::warn!(%err, "publish to Redis failed; the changes reached local clients only");
         }
     }
 
@@ -178,6 +192,7 @@ impl RedisLink {
         self: Arc<Self>,
         mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
         hub: Hub,
+        store: Store,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -188,7 +203,11 @@ impl RedisLink {
             let message = match message {
                 Ok(message) => message,
                 // Missed messages are healed like an outage: balances are absolute.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "fell behind the bus; resyncing connected users");
+                    resync(&hub, &store).await;
+                    continue;
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
             let Some(text) = message.value.as_bytes() else {
@@ -216,7 +235,7 @@ async fn resync(hub: &Hub, store: &Store) {
                     hub.deliver(Arc::new(Update::new(BalanceEvent::snapshot(snapshot))));
                 }
             }
-            Err(err) => tracing::warn!(%err, "resync after a Redis outage failed"),
+            Err(err) => tracing::warn!(%err, "resync failed"),
         }
     }
 }
