@@ -4,6 +4,7 @@ use std::{ops::Deref, sync::Arc};
 
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -39,6 +40,9 @@ pub struct Shared {
     pub tasks: TaskTracker,
 }
 
+/// Committed changes that may wait for the bus before commits wait too.
+const COMMITS_CAPACITY: usize = 4096;
+
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -57,7 +61,8 @@ impl AppState {
     /// When the database cannot be opened or the dev secret cannot be kept.
     pub async fn new(config: Config) -> Result<Self, StartError> {
         let auth = Auth::new(&config)?;
-        let store = Store::connect(&config.database_url).await?;
+        let (commits, committed) = mpsc::channel(COMMITS_CAPACITY);
+        let store = Store::connect(&config.database_url, commits).await?;
         let metrics = Metrics::default();
         let hub = Hub::new(config.realtime.limits, metrics.clone());
         let shutdown = CancellationToken::new();
@@ -78,6 +83,7 @@ impl AppState {
                 )?
             }
         };
+        bus.publish_commits(committed);
         let max_connections = config
             .max_connections
             .unwrap_or_else(listener::connection_capacity);

@@ -42,6 +42,12 @@ on_both_databases!(
     ledger_pages_newest_first,
 );
 
+/// A store whose committed changes nobody publishes.
+async fn connect(url: &server::config::DatabaseUrl) -> Store {
+    let (commits, _) = tokio::sync::mpsc::channel(1);
+    Store::connect(url, commits).await.expect("connects")
+}
+
 fn change(user: &str, amount: i64) -> NewChange {
     NewChange {
         user_id: user.into(),
@@ -61,7 +67,7 @@ fn applied(result: Result<Applied, StoreError>) -> app::wire::BalanceEvent {
 
 /// A user never seen has balance 0, version 0 and no `updated_at`.
 async fn new_user_has_zero_balance(db: TestDb) {
-    let store = Store::connect(&db.url).await.expect("connects");
+    let store = connect(&db.url).await;
     let snapshot = store.snapshot("nobody").await.expect("snapshot");
     assert_eq!((snapshot.balance, snapshot.version), (0, 0));
     assert_eq!(snapshot.updated_at, None);
@@ -72,7 +78,7 @@ async fn new_user_has_zero_balance(db: TestDb) {
 
 /// One change moves balance and version together and is listed in the ledger.
 async fn change_updates_balance_version_and_ledger(db: TestDb) {
-    let store = Store::connect(&db.url).await.expect("connects");
+    let store = connect(&db.url).await;
     let mut grant = change("alice", 500);
     grant.metadata.insert("order".into(), json!("A-1"));
     let event = applied(store.apply(&grant).await);
@@ -99,8 +105,8 @@ async fn change_updates_balance_version_and_ledger(db: TestDb) {
 /// Two independent pools (as two instances have) × 200 concurrent changes on one user:
 /// the exact sum, and versions 1..=400 with no gap or repeat.
 async fn two_pools_lose_no_update(db: TestDb) {
-    let a = Store::connect(&db.url).await.expect("pool A");
-    let b = Store::connect(&db.url).await.expect("pool B");
+    let a = connect(&db.url).await;
+    let b = connect(&db.url).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..400_i64 {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -135,7 +141,7 @@ async fn two_pools_lose_no_update(db: TestDb) {
 
 /// 20 concurrent requests with one idempotency key: applied once, all answered alike.
 async fn concurrent_idempotent_requests_apply_once(db: TestDb) {
-    let store = Store::connect(&db.url).await.expect("connects");
+    let store = connect(&db.url).await;
     let mut request = change("bob", 75);
     request.idempotency_key = Some("order-42".into());
     let mut tasks = tokio::task::JoinSet::new();
@@ -176,7 +182,7 @@ async fn concurrent_idempotent_requests_apply_once(db: TestDb) {
 /// alone. 30 withdrawals of 1 from a balance of 10, racing 30 other users' deposits: exactly 10
 /// withdrawals apply, 20 are refused, every deposit applies, and the ledger has no gap.
 async fn refusals_among_concurrent_changes_stay_local(db: TestDb) {
-    let store = Store::connect(&db.url).await.expect("connects");
+    let store = connect(&db.url).await;
     applied(store.apply(&change("spender", 10)).await);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..30 {
@@ -220,7 +226,7 @@ async fn refusals_among_concurrent_changes_stay_local(db: TestDb) {
 
 /// Refusals change nothing: balance, version and ledger stay, and the key stays unused.
 async fn refused_changes_leave_no_trace(db: TestDb) {
-    let store = Store::connect(&db.url).await.expect("connects");
+    let store = connect(&db.url).await;
     applied(store.apply(&change("carol", 100)).await);
     let before = store.snapshot("carol").await.expect("snapshot");
 
@@ -273,7 +279,7 @@ async fn refused_changes_leave_no_trace(db: TestDb) {
 
 /// Pages run newest first, `before` is exclusive, and the last page has no cursor.
 async fn ledger_pages_newest_first(db: TestDb) {
-    let store = Store::connect(&db.url).await.expect("connects");
+    let store = connect(&db.url).await;
     for amount in 1..=5 {
         applied(store.apply(&change("erin", amount)).await);
     }
@@ -309,7 +315,7 @@ async fn ledger_pages_newest_first(db: TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_is_unavailable_then_recovers() {
     let (_db, proxy, url) = common::postgres_behind_proxy().await;
-    let store = Store::connect(&url).await.expect("connects");
+    let store = connect(&url).await;
     applied(store.apply(&change("frank", 10)).await);
 
     proxy.cut().await;

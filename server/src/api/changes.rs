@@ -3,9 +3,8 @@
 use app::wire::ChangeRequest;
 use axum::{
     Json, Router,
-    body::Bytes,
     extract::State,
-    http::{HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -39,23 +38,11 @@ async fn create(
     apply(&state, &change).await
 }
 
-/// Applies `change`, publishes it once committed, and answers: 201 with the event for a new
-/// change, 200 with `Idempotent-Replayed: true` (and nothing published) for a replay.
+/// Applies `change` and answers: 201 with the event for a new change (the store hands it to
+/// the bus), 200 with `Idempotent-Replayed: true` for a replay, which publishes nothing.
 pub async fn apply(state: &AppState, change: &NewChange) -> Result<Response, ApiError> {
     Ok(match state.store.apply(change).await? {
-        Applied::New(event) => {
-            let update = state.bus.publish(event).await;
-            // The event's JSON as encoded once for every live connection.
-            (
-                StatusCode::CREATED,
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                Bytes::from(update.json.clone()),
-            )
-                .into_response()
-        }
+        Applied::New(event) => (StatusCode::CREATED, Json(event)).into_response(),
         Applied::Replayed(event) => (
             StatusCode::OK,
             [(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"))],

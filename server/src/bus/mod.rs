@@ -11,6 +11,7 @@ mod redis;
 use std::sync::Arc;
 
 use app::wire::BalanceEvent;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use self::redis::RedisLink;
@@ -20,6 +21,9 @@ use crate::{
     realtime::{Update, hub::Hub},
     store::Store,
 };
+
+/// Most changes published in one round trip to Redis.
+const PUBLISH_BATCH: usize = 256;
 
 /// The bus of one instance; cheap to clone.
 #[derive(Clone)]
@@ -59,16 +63,32 @@ impl Bus {
         })
     }
 
-    /// Hands a committed change to every connection of its user, here and elsewhere; returns
-    /// it as encoded for them.
-    pub async fn publish(&self, event: BalanceEvent) -> Arc<Update> {
-        self.metrics.published();
-        let update = Arc::new(Update::new(event));
-        self.hub.deliver(Arc::clone(&update));
+    /// Publishes every committed change `commits` yields, in the order committed, so each
+    /// user's changes reach every instance in version order. Changes that wait are published
+    /// together, in one round trip to Redis. Ends when the store is gone.
+    pub fn publish_commits(&self, mut commits: mpsc::Receiver<BalanceEvent>) {
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let mut events = Vec::new();
+            while commits.recv_many(&mut events, PUBLISH_BATCH).await > 0 {
+                bus.publish(events.drain(..)).await;
+            }
+        });
+    }
+
+    /// Hands committed changes to every connection of their users, here and elsewhere.
+    async fn publish(&self, events: impl Iterator<Item = BalanceEvent>) {
+        let updates: Vec<Arc<Update>> = events
+            .map(|event| {
+                self.metrics.published();
+                let update = Arc::new(Update::new(event));
+                self.hub.deliver(Arc::clone(&update));
+                update
+            })
+            .collect();
         if let Some(redis) = &self.redis {
-            redis.publish(&update).await;
+            redis.publish(&updates).await;
         }
-        update
     }
 
     /// Why delivery is degraded right now; empty when healthy.

@@ -1,12 +1,20 @@
-//! Group commit. Changes wait in one queue; a writer takes every change waiting, up to
+//! Group commit. Changes wait in a queue; its writer task takes every change waiting, up to
 //! [`MAX_BATCH`], into a single database transaction. The fixed costs of a transaction —
 //! BEGIN, COMMIT, the lock step, a round trip or thread handoff per statement — are then paid
 //! once per batch instead of once per change. Nothing waits for a batch to fill: an idle
-//! writer takes the first change at once, and batches grow only while writers are busy.
+//! writer takes the first change at once, and batches grow only while it is busy.
+//!
+//! A backend with several writers (PostgreSQL) gets one queue per writer, and each user's
+//! changes always take the same queue: concurrent batches never wait on each other's account
+//! locks, and each user's changes are committed and published in order.
 
-use std::sync::Arc;
+use std::{
+    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
+    sync::Arc,
+};
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use app::wire::BalanceEvent;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Applied, Backend, StoreError, ledger, ledger::Validated};
 
@@ -22,25 +30,38 @@ struct Queued {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// The handle to a backend's writer task; clones share the queue, and the task ends when the
-/// last handle is dropped.
+/// The handle to a backend's writer tasks; clones share the queues, and the tasks end when
+/// the last handle is dropped.
 #[derive(Clone, Debug)]
 pub(super) struct Committer {
-    queue: mpsc::Sender<Queued>,
+    queues: Arc<[mpsc::Sender<Queued>]>,
 }
 
 impl Committer {
-    /// Starts the writer task for `backend`, running at most `writers` batches at a time.
-    pub(super) fn spawn(backend: Backend, writers: usize) -> Self {
-        let (queue, waiting) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(run(backend, waiting, writers));
-        Self { queue }
+    /// Starts `writers` writer tasks for `backend`, which send each committed change to
+    /// `commits`.
+    pub(super) fn spawn(
+        backend: &Backend,
+        writers: usize,
+        commits: &mpsc::Sender<BalanceEvent>,
+    ) -> Self {
+        let queues = (0..writers.max(1))
+            .map(|_| {
+                let (queue, waiting) = mpsc::channel(QUEUE_CAPACITY);
+                tokio::spawn(run(backend.clone(), waiting, commits.clone()));
+                queue
+            })
+            .collect();
+        Self { queues }
     }
 
-    /// Queues a validated change and waits for its outcome.
+    /// Queues a validated change on its user's writer and waits for its outcome.
     pub(super) async fn apply(&self, validated: Validated) -> Outcome {
+        let lane = BuildHasherDefault::<DefaultHasher>::default()
+            .hash_one(&validated.change.user_id) as usize
+            % self.queues.len();
         let (reply, outcome) = oneshot::channel();
-        self.queue
+        self.queues[lane]
             .send(Queued { validated, reply })
             .await
             .map_err(|_| writer_gone())?;
@@ -52,53 +73,51 @@ fn writer_gone() -> StoreError {
     StoreError::Unavailable(Arc::new(sqlx::Error::WorkerCrashed))
 }
 
-async fn run(backend: Backend, mut waiting: mpsc::Receiver<Queued>, writers: usize) {
-    let writers = Arc::new(Semaphore::new(writers));
+async fn run(
+    backend: Backend,
+    mut waiting: mpsc::Receiver<Queued>,
+    commits: mpsc::Sender<BalanceEvent>,
+) {
     loop {
-        // Waiting for a free writer before taking from the queue lets the next batch grow.
-        let Ok(writer) = writers.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut batch = Vec::new();
         if waiting.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let backend = backend.clone();
-        tokio::spawn(async move {
-            commit(&backend, batch).await;
-            drop(writer);
-        });
+        for (queued, outcome) in commit(&backend, batch).await {
+            if let Ok(Applied::New(event)) = &outcome {
+                // Sent before the answer, by this one task: commit order is publishing order.
+                let _ = commits.send(event.clone()).await;
+            }
+            // A requester that went away still has its change applied; nobody to tell.
+            let _ = queued.reply.send(outcome);
+        }
     }
 }
 
-/// Commits a batch and answers each change. When the batch fails for a reason other than an
-/// unreachable database, each change is retried alone, so one change the database rejects
-/// cannot fail the others.
-async fn commit(backend: &Backend, batch: Vec<Queued>) {
+/// Commits a batch; returns each change with its outcome. When the batch fails for a reason
+/// other than an unreachable database, each change is retried alone, so one change the
+/// database rejects cannot fail the others.
+async fn commit(backend: &Backend, batch: Vec<Queued>) -> Vec<(Queued, Outcome)> {
     tracing::debug!(size = batch.len(), "committing a batch");
     let changes: Vec<&Validated> = batch.iter().map(|q| &q.validated).collect();
     match backend.apply(&changes).await {
-        Ok(outcomes) => {
-            for (queued, outcome) in batch.into_iter().zip(outcomes) {
-                // A requester that went away still has its change applied; nobody to tell.
-                let _ = queued.reply.send(outcome);
-            }
-        }
+        Ok(outcomes) => batch.into_iter().zip(outcomes).collect(),
         Err(err) if batch.len() > 1 && !matches!(err, StoreError::Unavailable(_)) => {
             tracing::warn!(error = %err, size = batch.len(), "batch failed; retrying its changes one by one");
+            let mut answered = Vec::with_capacity(batch.len());
             for queued in batch {
                 let outcome = match backend.apply(&[&queued.validated]).await {
                     Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| Err(writer_gone())),
                     Err(err) => Err(err),
                 };
-                let _ = queued.reply.send(outcome);
+                answered.push((queued, outcome));
             }
+            answered
         }
-        Err(err) => {
-            for queued in batch {
-                let _ = queued.reply.send(Err(err.clone()));
-            }
-        }
+        Err(err) => batch
+            .into_iter()
+            .map(|queued| (queued, Err(err.clone())))
+            .collect(),
     }
 }
 

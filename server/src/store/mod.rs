@@ -12,6 +12,7 @@ use app::wire::{BalanceEvent, BalanceSnapshot, Metadata, Transaction, Transactio
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
 
 pub use change::{NewChange, validate_user_id};
 
@@ -109,11 +110,15 @@ enum Backend {
 
 impl Store {
     /// Opens the database (creating a SQLite file and its folder if missing) and runs the
-    /// migrations.
+    /// migrations. Every change this store commits is sent to `commits` in commit order, for
+    /// publishing; a dropped receiver just stops that.
     ///
     /// # Errors
     /// When the database cannot be opened or migrated.
-    pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &DatabaseUrl,
+        commits: mpsc::Sender<BalanceEvent>,
+    ) -> Result<Self, StoreError> {
         let (backend, writers) = match url {
             DatabaseUrl::Sqlite(url) => (
                 Backend::Sqlite(sqlite::Db::connect(url).await?),
@@ -124,7 +129,7 @@ impl Store {
                 postgres::WRITERS,
             ),
         };
-        let committer = committer::Committer::spawn(backend.clone(), writers);
+        let committer = committer::Committer::spawn(&backend, writers, &commits);
         Ok(Self { backend, committer })
     }
 

@@ -16,8 +16,8 @@ use super::{
 
 /// Connections per instance.
 const POOL_SIZE: u32 = 16;
-/// Batches committed at a time: enough to overlap round trips and the commit's WAL flush,
-/// few enough to leave the pool's other connections to readers.
+/// Group-commit writers, each a transaction at a time: enough to overlap round trips and WAL
+/// flushes, few enough to leave most of the pool to readers.
 pub(super) const WRITERS: usize = 4;
 /// How long a request waits for a connection before answering 503, so an unreachable
 /// database fails requests fast instead of piling them up.

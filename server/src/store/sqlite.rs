@@ -18,7 +18,7 @@ use super::{
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Concurrent readers; WAL lets them run beside the writer.
 const READERS: u32 = 4;
-/// Batches committed at a time: SQLite has one writer.
+/// Group-commit writers: SQLite has one writer connection.
 pub(super) const WRITERS: usize = 1;
 
 #[derive(Clone, Debug)]
