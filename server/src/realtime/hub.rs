@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::Update;
 use crate::metrics::Metrics;
@@ -84,6 +84,10 @@ struct Users {
 
 struct UserEntry {
     sender: broadcast::Sender<Arc<Update>>,
+    /// The highest version delivered, for connections that fell behind: updates from this
+    /// instance and from the bus interleave out of version order, so the channel's last
+    /// slots need not hold it.
+    newest: Option<Arc<Update>>,
     live: usize,
     polls: usize,
 }
@@ -120,6 +124,7 @@ impl Hub {
             .entry(user_id.to_owned())
             .or_insert_with(|| UserEntry {
                 sender: broadcast::channel(USER_BACKLOG).0,
+                newest: None,
                 live: 0,
                 polls: 0,
             });
@@ -154,11 +159,25 @@ impl Hub {
     /// Hands a committed change to every local connection of its user; a user with no
     /// connection here costs one map lookup.
     pub fn deliver(&self, update: Arc<Update>) {
-        let users = self.users();
-        if let Some(entry) = users.channels.get(&update.event.user_id) {
+        let mut users = self.users();
+        if let Some(entry) = users.channels.get_mut(&update.event.user_id) {
+            if entry
+                .newest
+                .as_ref()
+                .is_none_or(|newest| update.event.version > newest.event.version)
+            {
+                entry.newest = Some(Arc::clone(&update));
+            }
             // An error only means every receiver is gone, which the last drop cleans up.
             let _ = entry.sender.send(update);
         }
+    }
+
+    fn newest(&self, user_id: &str) -> Option<Arc<Update>> {
+        self.users()
+            .channels
+            .get(user_id)
+            .and_then(|entry| entry.newest.clone())
     }
 
     /// The users with at least one connection here, for re-sending snapshots after a bus
@@ -215,31 +234,24 @@ impl Subscription {
     }
 
     /// The next change newer than anything this connection has seen. After falling behind,
-    /// the backlog is skipped to its newest event.
+    /// it skips to the highest version delivered.
     pub async fn next(&mut self) -> Option<Arc<Update>> {
         loop {
             let update = match self.receiver.recv().await {
                 Ok(update) => update,
-                Err(RecvError::Lagged(_)) => match self.newest_buffered() {
-                    Some(update) => update,
-                    None => continue,
-                },
+                Err(RecvError::Lagged(_)) => {
+                    // Skip everything buffered and take the newest the hub has seen.
+                    self.receiver = self.receiver.resubscribe();
+                    match self.hub.newest(&self.user_id) {
+                        Some(update) => update,
+                        None => continue,
+                    }
+                }
                 Err(RecvError::Closed) => return None,
             };
             if update.event.version > self.last_version {
                 self.last_version = update.event.version;
                 return Some(update);
-            }
-        }
-    }
-
-    fn newest_buffered(&mut self) -> Option<Arc<Update>> {
-        let mut newest = None;
-        loop {
-            match self.receiver.try_recv() {
-                Ok(update) => newest = Some(update),
-                Err(TryRecvError::Lagged(_)) => {}
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return newest,
             }
         }
     }
@@ -311,6 +323,21 @@ mod tests {
         }
         let first = sub.next().await.unwrap().event.version;
         assert_eq!(first, USER_BACKLOG as i64 * 3);
+    }
+
+    /// Skipping ahead takes the highest version waiting, not the last to arrive: local
+    /// commits and the bus interleave out of version order.
+    #[tokio::test]
+    async fn lagging_connection_skips_to_the_highest_version() {
+        let hub = hub(4, 4);
+        let mut sub = hub.subscribe("a", Transport::WebSocket).unwrap();
+        let top = USER_BACKLOG as i64 * 3;
+        for version in 1..top - 1 {
+            hub.deliver(update("a", version));
+        }
+        hub.deliver(update("a", top));
+        hub.deliver(update("a", top - 1));
+        assert_eq!(sub.next().await.unwrap().event.version, top);
     }
 
     /// Limits are per user and per kind; a freed slot can be reused; the last drop removes
