@@ -8,9 +8,13 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::{
+    sync::broadcast::{self, error::RecvError},
+    time::{Instant, timeout_at},
+};
 
 use super::Update;
 use crate::metrics::Metrics;
@@ -18,6 +22,11 @@ use crate::metrics::Metrics;
 /// Events buffered per user before a slow connection is coalesced to the newest. Every
 /// connected user pays for these slots, idle or not.
 const USER_BACKLOG: usize = 8;
+/// How long a connection holds back a change that arrived before an earlier version of the
+/// same user. Versions are consecutive per user, so a gap is a change still on its way:
+/// typically one committed on another instance and still crossing Redis, while a later one
+/// committed here has already arrived.
+const GAP_WAIT: Duration = Duration::from_millis(100);
 
 /// The transport a subscription serves; live ones (WebSocket, SSE) and long-polls have
 /// separate per-user limits.
@@ -153,6 +162,7 @@ impl Hub {
             transport,
             receiver,
             last_version: 0,
+            gap: None,
         })
     }
 
@@ -224,6 +234,24 @@ pub struct Subscription {
     transport: Transport,
     receiver: broadcast::Receiver<Arc<Update>>,
     last_version: i64,
+    /// Changes that arrived ahead of a missing version; boxed, as it exists only while a
+    /// gap is open and every idle connection holds a subscription.
+    gap: Option<Box<Gap>>,
+}
+
+struct Gap {
+    /// Held changes, lowest version first.
+    early: Vec<Arc<Update>>,
+    /// When to stop waiting for the missing versions and go on without them.
+    deadline: Instant,
+}
+
+/// What a subscription took from its channel.
+enum Received {
+    /// The next event in the channel.
+    InTurn(Arc<Update>),
+    /// The newest event, after falling behind and skipping the rest.
+    AfterLag(Arc<Update>),
 }
 
 impl Subscription {
@@ -233,25 +261,94 @@ impl Subscription {
         self.last_version = self.last_version.max(version);
     }
 
-    /// The next change newer than anything this connection has seen. After falling behind,
-    /// it skips to the highest version delivered.
+    /// The next change newer than anything this connection has seen, in version order: a
+    /// change that overtook an earlier one is held up to [`GAP_WAIT`] for it. After falling
+    /// behind, it skips to the highest version delivered.
     pub async fn next(&mut self) -> Option<Arc<Update>> {
         loop {
-            let update = match self.receiver.recv().await {
-                Ok(update) => update,
+            if let Some(update) = self.release_early() {
+                return Some(update);
+            }
+            let deadline = self.gap.as_ref().map(|gap| gap.deadline);
+            let received = match deadline {
+                None => self.receive().await?,
+                // Boxed so that idle connections, which never wait here, don't carry a timer.
+                Some(deadline) => match Box::pin(timeout_at(deadline, self.receive())).await {
+                    Ok(received) => received?,
+                    Err(_elapsed) => continue,
+                },
+            };
+            let update = match received {
+                Received::InTurn(update) => update,
+                Received::AfterLag(update) => {
+                    self.gap = None;
+                    update
+                }
+            };
+            let version = update.event.version;
+            if version <= self.last_version {
+                continue;
+            }
+            // Snapshots (resyncs) state the balance outright; only changes wait for a gap.
+            if version > self.last_version + 1 && update.event.change.is_some() {
+                self.hold(update);
+                continue;
+            }
+            self.last_version = version;
+            return Some(update);
+        }
+    }
+
+    async fn receive(&mut self) -> Option<Received> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(update) => return Some(Received::InTurn(update)),
                 Err(RecvError::Lagged(_)) => {
                     // Skip everything buffered and take the newest the hub has seen.
                     self.receiver = self.receiver.resubscribe();
-                    match self.hub.newest(&self.user_id) {
-                        Some(update) => update,
-                        None => continue,
+                    if let Some(update) = self.hub.newest(&self.user_id) {
+                        return Some(Received::AfterLag(update));
                     }
                 }
                 Err(RecvError::Closed) => return None,
-            };
-            if update.event.version > self.last_version {
+            }
+        }
+    }
+
+    fn hold(&mut self, update: Arc<Update>) {
+        let gap = self.gap.get_or_insert_with(|| {
+            Box::new(Gap {
+                early: Vec::new(),
+                deadline: Instant::now() + GAP_WAIT,
+            })
+        });
+        let version = update.event.version;
+        if let Err(at) = gap
+            .early
+            .binary_search_by_key(&version, |held| held.event.version)
+        {
+            gap.early.insert(at, update);
+        }
+    }
+
+    /// The lowest held change, once the gap before it has closed or its wait is over.
+    fn release_early(&mut self) -> Option<Arc<Update>> {
+        let last = self.last_version;
+        let gap = self.gap.as_mut()?;
+        gap.early.retain(|held| held.event.version > last);
+        let due = gap.early.first().map(|first| {
+            first.event.version == last + 1 || Instant::now() >= gap.deadline
+        });
+        match due {
+            None => {
+                self.gap = None;
+                None
+            }
+            Some(false) => None,
+            Some(true) => {
+                let update = gap.early.remove(0);
                 self.last_version = update.event.version;
-                return Some(update);
+                Some(update)
             }
         }
     }
@@ -266,7 +363,7 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use app::wire::{BalanceEvent, BalanceSnapshot};
+    use app::wire::{BalanceEvent, BalanceSnapshot, Change};
 
     fn hub(live: usize, polls: usize) -> Hub {
         Hub::new(
@@ -285,6 +382,49 @@ mod tests {
             version,
             updated_at: None,
         })))
+    }
+
+    fn change(user: &str, version: i64) -> Arc<Update> {
+        let snapshot = update(user, version);
+        let mut event = snapshot.event.clone();
+        event.change = Some(Change {
+            id: format!("c{version}"),
+            amount: 10,
+            kind: "grant".into(),
+            metadata: Default::default(),
+            created_at: chrono::Utc::now(),
+        });
+        Arc::new(Update::new(event))
+    }
+
+    /// A change that overtakes an earlier one (committed here while the earlier one still
+    /// crosses Redis) waits for it, so the connection sees every version in order; a gap
+    /// that never closes delays the next change by at most `GAP_WAIT`.
+    #[tokio::test]
+    async fn overtaken_changes_are_put_back_in_order() {
+        let hub = hub(4, 4);
+        let mut sub = hub.subscribe("a", Transport::WebSocket).unwrap();
+        sub.sent(1);
+        hub.deliver(change("a", 3));
+        hub.deliver(change("a", 4));
+        hub.deliver(change("a", 2));
+        for expected in 2..=4 {
+            assert_eq!(sub.next().await.unwrap().event.version, expected);
+        }
+
+        hub.deliver(change("a", 6));
+        let started = std::time::Instant::now();
+        assert_eq!(sub.next().await.unwrap().event.version, 6);
+        assert!(started.elapsed() >= GAP_WAIT - Duration::from_millis(5));
+        // Version 5 turning up late is not sent after 6.
+        hub.deliver(change("a", 5));
+        hub.deliver(change("a", 7));
+        assert_eq!(sub.next().await.unwrap().event.version, 7);
+        // A resync snapshot is never held back.
+        hub.deliver(update("a", 20));
+        let started = std::time::Instant::now();
+        assert_eq!(sub.next().await.unwrap().event.version, 20);
+        assert!(started.elapsed() < GAP_WAIT);
     }
 
     /// Each connection of a user gets each change once; other users get nothing.
