@@ -10,6 +10,7 @@
 //! - [`pages`] — the page context every server render starts from
 //! - [`routes`] — the router that assembles every feature module
 //! - [`listener`] — the connection-capped accept loop
+//! - [`stream_conn`] — event streams served without hyper's per-connection buffers
 //! - [`health`], [`metrics`] — readiness and Prometheus metrics
 //! - [`error`] — the API's error type and JSON extractors
 //! - [`shutdown`] — the signal that starts a graceful stop
@@ -28,6 +29,7 @@ pub mod routes;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod stream_conn;
 
 use std::{future::Future, time::Duration};
 
@@ -53,10 +55,13 @@ pub async fn run(
     let trigger = shutdown.clone();
     let hub = state.hub.clone();
     let tasks = state.tasks.clone();
-    let listener = listener::LimitedListener::new(listener, state.max_connections);
+    let max_connections = state.max_connections;
+    let router = routes::router(state);
+    let triage = stream_conn::Triage::new(router.clone(), tasks.clone());
+    let listener = listener::LimitedListener::new(listener, max_connections, triage);
     // A make-service hands each connection a cheap clone of the router; serving the `Router`
-    // itself would copy every route per connection (~10 KiB, held by every SSE client).
-    let app = routes::router(state).into_make_service();
+    // itself would copy every route per connection (~10 KiB).
+    let app = router.into_make_service();
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         signal.await;
         // Closing the hub ends every live connection and answers held long-polls.

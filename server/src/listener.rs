@@ -1,6 +1,8 @@
 //! The accept loop's guard against running out of file descriptors: a listener that holds
 //! one permit per open connection and stops accepting at the instance's capacity, leaving
-//! further clients in the kernel's backlog instead of failing with EMFILE.
+//! further clients in the kernel's backlog instead of failing with EMFILE. Each new
+//! connection is sniffed first, so event streams can be served on lean connections
+//! ([`crate::stream_conn`]).
 
 use std::{
     io,
@@ -11,12 +13,15 @@ use std::{
     time::Duration,
 };
 
+use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use rustix::process::{Resource, getrlimit, setrlimit};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
+
+use crate::stream_conn::Triage;
 
 /// Descriptors kept back from connections for database pools, Redis, logs and files.
 const RESERVED_FDS: u64 = 256;
@@ -40,17 +45,23 @@ pub fn connection_capacity() -> usize {
     usize::try_from(files.saturating_sub(RESERVED_FDS).max(16)).unwrap_or(usize::MAX)
 }
 
-/// A TCP listener that admits at most `capacity` open connections.
+/// A TCP listener that admits at most `capacity` open connections and hands axum those that
+/// [`Triage`] does not serve itself.
 pub struct LimitedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
+    triage: Triage,
+    /// New connections waiting for their first bytes.
+    sniffing: FuturesUnordered<BoxFuture<'static, Option<(Limited, SocketAddr)>>>,
 }
 
 impl LimitedListener {
-    pub fn new(inner: TcpListener, capacity: usize) -> Self {
+    pub fn new(inner: TcpListener, capacity: usize, triage: Triage) -> Self {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(capacity)),
+            triage,
+            sniffing: FuturesUnordered::new(),
         }
     }
 }
@@ -60,27 +71,18 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Limited, SocketAddr) {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .expect("the permit semaphore is never closed");
         loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    // Small frames must leave at once; latency is the product.
-                    let _ = stream.set_nodelay(true);
-                    return (
-                        Limited {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    );
+            tokio::select! {
+                Some(sniffed) = self.sniffing.next() => {
+                    if let Some(conn) = sniffed {
+                        return conn;
+                    }
                 }
-                Err(err) => {
-                    // EMFILE and friends: wait for descriptors to free up, never crash.
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                (conn, addr) = accept_within(&self.inner, &self.permits) => {
+                    let triage = self.triage.clone();
+                    self.sniffing.push(Box::pin(async move {
+                        triage.sniff(conn).await.map(|conn| (conn, addr))
+                    }));
                 }
             }
         }
@@ -91,10 +93,46 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
+/// Accepts the next connection once a permit is free. Cancel-safe: dropped before a
+/// connection arrives, it loses nothing.
+async fn accept_within(listener: &TcpListener, permits: &Arc<Semaphore>) -> (Limited, SocketAddr) {
+    let permit = Arc::clone(permits)
+        .acquire_owned()
+        .await
+        .expect("the permit semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                // Small frames must leave at once; latency is the product.
+                let _ = stream.set_nodelay(true);
+                return (
+                    Limited {
+                        stream,
+                        _permit: permit,
+                    },
+                    addr,
+                );
+            }
+            Err(err) => {
+                // EMFILE and friends: wait for descriptors to free up, never crash.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// An accepted connection that returns its permit when closed.
 pub struct Limited {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Limited {
+    /// The socket, for peeking and readiness checks that need no buffer.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
 }
 
 impl AsyncRead for Limited {

@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use common::{
     TestDb, config,
-    live::{SseStream, TestServer},
+    live::{PATIENCE, SseStream, TestServer, eventually},
     now_plus, sign, user_token,
 };
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 async fn server() -> (TestDb, TestServer) {
     let db = TestDb::sqlite();
@@ -150,4 +154,109 @@ async fn shutdown_ends_streams() {
     server.signal_stop();
     assert!(sse.next_event().await.is_none());
     server.stop().await;
+}
+
+/// Sends `request` on a new connection and reads what comes back until `until` appears, the
+/// server closes, or patience runs out.
+async fn raw_exchange(server: &TestServer, request: &[u8], until: &str) -> (TcpStream, String) {
+    let mut conn = TcpStream::connect(server.addr).await.expect("connect");
+    conn.write_all(request).await.expect("send request");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, async {
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains(until) {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    (conn, String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A stream request opening a connection is served on a lean connection: a close-delimited
+/// stream, and a client that goes away frees its subscription at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_connection_lives_as_long_as_its_client() {
+    let (_db, server) = server().await;
+    server.change("hana", 5).await;
+    let request = format!(
+        "GET /api/credits/sse?token={} HTTP/1.1\r\nHost: test\r\n\r\n",
+        user_token("hana")
+    );
+    let (mut conn, answer) = raw_exchange(&server, request.as_bytes(), r#""balance":5"#).await;
+    let (head, stream) = answer.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for expected in ["content-type: text/event-stream", "connection: close"] {
+        assert!(head.lines().any(|line| line == expected), "{expected} in {head}");
+    }
+    assert!(!head.contains("content-length") && !head.contains("transfer-encoding"));
+    assert!(stream.starts_with("retry: 3000"), "{stream}");
+
+    server.change("hana", 2).await;
+    let mut more = [0u8; 1024];
+    let n = tokio::time::timeout(PATIENCE, conn.read(&mut more))
+        .await
+        .expect("a frame in time")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&more[..n]).contains(r#""balance":7"#));
+
+    assert_eq!(server.state.hub.user_count(), 1);
+    drop(conn);
+    assert!(
+        eventually(PATIENCE, || server.state.hub.user_count() == 0).await,
+        "the subscription outlived its client"
+    );
+}
+
+/// Stream requests the lean connection cannot serve get an HTTP error and a closed
+/// connection; the router's own refusals keep their `ApiError` body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_stream_requests_get_an_http_error() {
+    let (_db, server) = server().await;
+    let many_headers: String = (0..70).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases = [
+        (
+            "GET /api/credits/sse HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc".to_owned(),
+            "400",
+        ),
+        ("GET /api/credits/sse HTTP/1.1\r\nno colon\r\n\r\n".to_owned(), "400"),
+        (
+            format!("GET /api/credits/sse HTTP/1.1\r\n{many_headers}\r\n"),
+            "431",
+        ),
+        ("GET /api/credits/sse HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(), "401"),
+    ];
+    for (request, status) in cases {
+        let (_conn, answer) = raw_exchange(&server, request.as_bytes(), "\0").await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{request:?} → {answer}"
+        );
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        if status == "401" {
+            let body = answer.split_once("\r\n\r\n").expect("a head").1;
+            let error: serde_json::Value = serde_json::from_str(body).expect("ApiError JSON");
+            assert_eq!(error["error"], "unauthorized");
+        }
+    }
+    assert_eq!(server.state.hub.user_count(), 0);
+}
+
+/// A keep-alive connection that asks for a stream after another request is served by hyper,
+/// with the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_after_another_request_on_one_connection() {
+    let (_db, server) = server().await;
+    server.change("ivan", 4).await;
+    let token = user_token("ivan");
+    let request = format!(
+        "GET /api/credits/balance?token={token} HTTP/1.1\r\nHost: t\r\n\r\n\
+         GET /api/credits/sse?token={token} HTTP/1.1\r\nHost: t\r\n\r\n"
+    );
+    let (_conn, answer) = raw_exchange(&server, request.as_bytes(), "event: balance").await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert!(answer.contains("transfer-encoding: chunked"), "{answer}");
+    assert!(answer.contains(r#""balance":4"#), "{answer}");
 }
