@@ -189,7 +189,10 @@ async fn stream_connection_lives_as_long_as_its_client() {
     let (head, stream) = answer.split_once("\r\n\r\n").expect("a response head");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     for expected in ["content-type: text/event-stream", "connection: close"] {
-        assert!(head.lines().any(|line| line == expected), "{expected} in {head}");
+        assert!(
+            head.lines().any(|line| line == expected),
+            "{expected} in {head}"
+        );
     }
     assert!(!head.contains("content-length") && !head.contains("transfer-encoding"));
     assert!(stream.starts_with("retry: 3000"), "{stream}");
@@ -221,12 +224,18 @@ async fn bad_stream_requests_get_an_http_error() {
             "GET /api/credits/sse HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc".to_owned(),
             "400",
         ),
-        ("GET /api/credits/sse HTTP/1.1\r\nno colon\r\n\r\n".to_owned(), "400"),
+        (
+            "GET /api/credits/sse HTTP/1.1\r\nno colon\r\n\r\n".to_owned(),
+            "400",
+        ),
         (
             format!("GET /api/credits/sse HTTP/1.1\r\n{many_headers}\r\n"),
             "431",
         ),
-        ("GET /api/credits/sse HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(), "401"),
+        (
+            "GET /api/credits/sse HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+            "401",
+        ),
     ];
     for (request, status) in cases {
         let (_conn, answer) = raw_exchange(&server, request.as_bytes(), "\0").await;

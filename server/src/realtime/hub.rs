@@ -87,7 +87,8 @@ struct Inner {
 /// The users' channels, and whether the hub was closed for shutdown.
 #[derive(Default)]
 struct Users {
-    channels: HashMap<String, UserEntry>,
+    /// Keyed by user id, shared with the user's subscriptions.
+    channels: HashMap<Arc<str>, UserEntry>,
     closed: bool,
 }
 
@@ -128,9 +129,13 @@ impl Hub {
         if users.closed {
             return Err(Refused::Closed);
         }
+        let user_id: Arc<str> = match users.channels.get_key_value(user_id) {
+            Some((key, _)) => Arc::clone(key),
+            None => user_id.into(),
+        };
         let entry = users
             .channels
-            .entry(user_id.to_owned())
+            .entry(Arc::clone(&user_id))
             .or_insert_with(|| UserEntry {
                 sender: broadcast::channel(USER_BACKLOG).0,
                 newest: None,
@@ -145,7 +150,7 @@ impl Hub {
         };
         if *count >= limit {
             if entry.live + entry.polls == 0 {
-                users.channels.remove(user_id);
+                users.channels.remove(&user_id);
             }
             self.inner.metrics.refused("too_many_connections");
             return Err(Refused::TooMany {
@@ -158,7 +163,7 @@ impl Hub {
         self.inner.metrics.opened(transport);
         Ok(Subscription {
             hub: self.clone(),
-            user_id: user_id.to_owned(),
+            user_id,
             transport,
             receiver,
             last_version: 0,
@@ -170,7 +175,7 @@ impl Hub {
     /// connection here costs one map lookup.
     pub fn deliver(&self, update: Arc<Update>) {
         let mut users = self.users();
-        if let Some(entry) = users.channels.get_mut(&update.event.user_id) {
+        if let Some(entry) = users.channels.get_mut(update.event.user_id.as_str()) {
             if entry
                 .newest
                 .as_ref()
@@ -193,7 +198,11 @@ impl Hub {
     /// The users with at least one connection here, for re-sending snapshots after a bus
     /// outage.
     pub fn connected_users(&self) -> Vec<String> {
-        self.users().channels.keys().cloned().collect()
+        self.users()
+            .channels
+            .keys()
+            .map(|key| key.to_string())
+            .collect()
     }
 
     /// How many users have a connection here.
@@ -230,7 +239,7 @@ impl Hub {
 /// One connection's view of its user's changes; dropping it unsubscribes.
 pub struct Subscription {
     hub: Hub,
-    user_id: String,
+    user_id: Arc<str>,
     transport: Transport,
     receiver: broadcast::Receiver<Arc<Update>>,
     last_version: i64,
@@ -336,9 +345,10 @@ impl Subscription {
         let last = self.last_version;
         let gap = self.gap.as_mut()?;
         gap.early.retain(|held| held.event.version > last);
-        let due = gap.early.first().map(|first| {
-            first.event.version == last + 1 || Instant::now() >= gap.deadline
-        });
+        let due = gap
+            .early
+            .first()
+            .map(|first| first.event.version == last + 1 || Instant::now() >= gap.deadline);
         match due {
             None => {
                 self.gap = None;

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     AppState,
-    auth::{AuthUser, TokenSource, User},
+    auth::{AuthUser, TokenSource},
     metrics::Metrics,
 };
 
@@ -61,11 +61,16 @@ async fn upgrade(
         .max_frame_size(MAX_CLIENT_FRAME);
     match admit(&state, &caller, &headers).await {
         Ok((subscription, first)) => {
-            let (tracker, live) = (state.tasks.clone(), Live::from(&state));
-            upgrade.on_upgrade(move |socket| {
-                tracker
-                    .track_future(Session::new(socket, live, caller.user, subscription).run(first))
-            })
+            // axum's upgrade task keeps the callback's captures for the connection's life, so
+            // they travel in one box that the session empties.
+            let admitted = Box::new(Admitted {
+                live: Live::from(&state),
+                expires_at: caller.user.expires_at,
+                subscription,
+                first,
+            });
+            let tracker = state.tasks.clone();
+            upgrade.on_upgrade(move |socket| tracker.track_future(Session::run(socket, *admitted)))
         }
         Err((code, reason)) => upgrade.on_upgrade(move |socket| refuse(socket, code, reason)),
     }
@@ -128,11 +133,21 @@ impl From<&AppState> for Live {
     }
 }
 
+/// What an admitted connection brings to its session.
+struct Admitted {
+    live: Live,
+    /// When the token expires, ending the session.
+    expires_at: chrono::DateTime<chrono::Utc>,
+    subscription: Subscription,
+    /// The snapshot frame.
+    first: Utf8Bytes,
+}
+
 /// One open WebSocket.
 struct Session {
     socket: WebSocket,
     live: Live,
-    user: User,
+    expires_at: chrono::DateTime<chrono::Utc>,
     subscription: Subscription,
     bad_frames: u32,
 }
@@ -144,20 +159,30 @@ enum End {
 }
 
 impl Session {
-    fn new(socket: WebSocket, live: Live, user: User, subscription: Subscription) -> Self {
-        Self {
+    /// Serves the connection until it ends. Not an `async fn`: those keep a second copy of
+    /// their arguments in the future, which every idle connection would carry.
+    fn run(socket: WebSocket, admitted: Admitted) -> impl Future<Output = ()> {
+        let Admitted {
+            live,
+            expires_at,
+            subscription,
+            first,
+        } = admitted;
+        let mut session = Self {
             socket,
             live,
-            user,
+            expires_at,
             subscription,
             bad_frames: 0,
-        }
-    }
-
-    async fn run(mut self, first: Utf8Bytes) {
-        let end = self.serve(first).await;
-        if let End::Close(code, reason) = end {
-            let _ = self.socket.send(close_message(code, reason.into())).await;
+        };
+        async move {
+            let end = session.serve(first).await;
+            if let End::Close(code, reason) = end {
+                let _ = session
+                    .socket
+                    .send(close_message(code, reason.into()))
+                    .await;
+            }
         }
     }
 
@@ -165,9 +190,8 @@ impl Session {
         if !self.send(Message::Text(first)).await {
             return End::Silent;
         }
-        let timing = self.live.timing;
-        let expires = instant_of(self.user.expires_at);
-        let mut next_ping = Instant::now() + timing.ping_interval;
+        let expires = instant_of(self.expires_at);
+        let mut next_ping = Instant::now() + self.live.timing.ping_interval;
         let mut last_heard = Instant::now();
         // One timer serves both the ping schedule and the token's expiry: every idle
         // connection holds it, so it pays to have just one.
@@ -187,7 +211,9 @@ impl Session {
                     last_heard = Instant::now();
                     match frame {
                         Some(Ok(message)) => {
-                            if let Some(end) = self.answer(message).await {
+                            // Boxed: client frames are rare, and inline this future would
+                            // enlarge every idle session.
+                            if let Some(end) = Box::pin(self.answer(message)).await {
                                 return end;
                             }
                         }
@@ -202,12 +228,12 @@ impl Session {
                     if now >= expires {
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
-                    if last_heard.elapsed() > timing.idle_timeout
+                    if last_heard.elapsed() > self.live.timing.idle_timeout
                         || !self.send(Message::Ping(Default::default())).await
                     {
                         return End::Silent;
                     }
-                    next_ping = now + timing.ping_interval;
+                    next_ping = now + self.live.timing.ping_interval;
                     timer.as_mut().reset(next_ping.min(expires));
                 }
             }
