@@ -24,6 +24,14 @@ use pages::{DebugPage, HomePage, LoginPage, NotFound};
 /// rendered.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
     let page = page_context_json(&page_context());
+    // The server makes a nonce for each page and names it in the Content-Security-Policy;
+    // the hydration scripts carry it.
+    #[cfg(feature = "ssr")]
+    if let Some(nonce) = use_context::<http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<leptos::nonce::Nonce>().cloned())
+    {
+        provide_context(nonce);
+    }
     view! {
         <!DOCTYPE html>
         <html lang="en">

@@ -21,6 +21,9 @@ pub const OUTPUT_NAME: &str = "livecredits";
 pub const DEFAULT_SITE_ROOT: &str = "target/site";
 /// Folder for local state (the generated dev secret) when `LIVECREDITS_DATA_DIR` is unset.
 pub const DEFAULT_DATA_DIR: &str = "data";
+/// Shortest accepted secret: an HS256 key any shorter can be brute-forced offline from a
+/// single token it signed, and then anyone could mint service tokens (SPEC §10).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// A setting that stops start-up; `Display` is the one line shown to the operator.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,22 @@ pub enum ConfigError {
     MissingSecret,
     #[error("Leptos configuration: {0}")]
     Leptos(String),
+}
+
+/// The origin browsers reach the app at, without a trailing slash and default port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicUrl(String);
+
+impl PublicUrl {
+    /// `scheme://host[:port]`, as a browser sends it in `Origin`.
+    pub fn origin(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether browsers reach the app over https.
+    pub fn is_https(&self) -> bool {
+        self.0.starts_with("https://")
+    }
 }
 
 /// The database the ledger lives in.
@@ -65,6 +84,9 @@ pub struct Config {
     pub supabase_service_role_key: Option<String>,
     /// Dev sign-in and dev credit routes (`LIVECREDITS_DEV_LOGIN=1`).
     pub dev_login: bool,
+    /// The URL browsers use (`LIVECREDITS_PUBLIC_URL`); https turns on `Secure` cookies,
+    /// HSTS and a strict WebSocket `Origin` check.
+    pub public_url: PublicUrl,
     /// Extra origins allowed for CORS and WebSocket cookie auth (`CORS_ORIGINS`, comma-separated).
     pub allowed_origins: Vec<String>,
     /// Folder for local state such as the generated dev secret (`LIVECREDITS_DATA_DIR`).
@@ -121,10 +143,31 @@ impl Config {
         let redis_url = var("REDIS_URL").map(parse_redis_url).transpose()?;
         let supabase_url = var("SUPABASE_URL").map(parse_supabase_url).transpose()?;
         let dev_login = parse_flag("LIVECREDITS_DEV_LOGIN", var("LIVECREDITS_DEV_LOGIN"))?;
-        let jwt_secret = var("JWT_SECRET").or_else(|| var("SUPABASE_JWT_SECRET"));
+        let jwt_secret = match var("JWT_SECRET") {
+            Some(secret) => Some(strong_secret("JWT_SECRET", secret)?),
+            None => var("SUPABASE_JWT_SECRET")
+                .map(|secret| strong_secret("SUPABASE_JWT_SECRET", secret))
+                .transpose()?,
+        };
         if jwt_secret.is_none() && supabase_url.is_none() && !dev_login {
             return Err(ConfigError::MissingSecret);
         }
+        let supabase_service_role_key = var("SUPABASE_SERVICE_ROLE_KEY")
+            .map(|key| strong_secret("SUPABASE_SERVICE_ROLE_KEY", key))
+            .transpose()?;
+        if dev_login && !site_addr.ip().is_loopback() {
+            return Err(invalid(
+                "LIVECREDITS_DEV_LOGIN",
+                format!(
+                    "dev sign-in lets anyone act as any user, so it only listens on a loopback \
+                     address, not {site_addr} (LEPTOS_SITE_ADDR)"
+                ),
+            ));
+        }
+        let public_url = match var("LIVECREDITS_PUBLIC_URL") {
+            Some(url) => parse_public_url(&url)?,
+            None => PublicUrl(format!("http://{site_addr}")),
+        };
         let mut realtime = RealtimeConfig::default();
         if let Some(value) = var("LIVECREDITS_MAX_LIVE_PER_USER") {
             realtime.limits.live_per_user = parse_count("LIVECREDITS_MAX_LIVE_PER_USER", &value)?;
@@ -154,8 +197,9 @@ impl Config {
             jwt_secret,
             jwt_audience: var("JWT_AUDIENCE"),
             supabase_url,
-            supabase_service_role_key: var("SUPABASE_SERVICE_ROLE_KEY"),
+            supabase_service_role_key,
             dev_login,
+            public_url,
             allowed_origins,
             data_dir: var("LIVECREDITS_DATA_DIR")
                 .unwrap_or(DEFAULT_DATA_DIR.into())
@@ -189,16 +233,81 @@ fn parse_site_addr(value: Option<&str>) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// `url` with the password of its user-info part, if any, replaced by `***`, for error
+/// messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            let hidden = if user_info.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// A secret long enough not to be guessed offline.
+fn strong_secret(var: &'static str, secret: String) -> Result<String, ConfigError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(invalid(
+            var,
+            format!(
+                "too short ({} bytes; at least {MIN_SECRET_BYTES}, e.g. `openssl rand -hex 32`)",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(secret)
+}
+
+fn parse_public_url(value: &str) -> Result<PublicUrl, ConfigError> {
+    normalize_origin(value.trim().trim_end_matches('/'))
+        .map(PublicUrl)
+        .ok_or_else(|| {
+            invalid(
+                "LIVECREDITS_PUBLIC_URL",
+                format!("{value:?} is not an http(s) origin like https://app.example.com"),
+            )
+        })
+}
+
+/// An http(s) origin as browsers send it in `Origin`: scheme and host in lower case, no
+/// default port. `None` for anything that is not an origin (a path, user info, another
+/// scheme).
+pub fn normalize_origin(value: &str) -> Option<String> {
+    let (scheme, authority) = value.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let authority = authority.to_ascii_lowercase();
+    let authority = authority.strip_suffix(default_port).unwrap_or(&authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
 fn parse_database_url(value: &str) -> Result<DatabaseUrl, ConfigError> {
     const VAR: &str = "DATABASE_URL";
+    let shown = redact(value);
     let (scheme, rest) = value.split_once("://").ok_or_else(|| {
         invalid(
             VAR,
-            format!("{value:?} is not a URL (expected sqlite://… or postgres://…)"),
+            format!("{shown:?} is not a URL (expected sqlite://… or postgres://…)"),
         )
     })?;
     if rest.is_empty() {
-        return Err(invalid(VAR, format!("{value:?} names no database")));
+        return Err(invalid(VAR, format!("{shown:?} names no database")));
     }
     match scheme {
         "sqlite" => Ok(DatabaseUrl::Sqlite(value.into())),
@@ -215,7 +324,7 @@ fn parse_redis_url(value: String) -> Result<String, ConfigError> {
         Some(("redis" | "rediss", rest)) if !rest.is_empty() => Ok(value),
         _ => Err(invalid(
             "REDIS_URL",
-            format!("{value:?} is not a redis:// or rediss:// URL"),
+            format!("{:?} is not a redis:// or rediss:// URL", redact(&value)),
         )),
     }
 }
@@ -257,14 +366,13 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
     list.split(',')
         .map(str::trim)
         .filter(|origin| !origin.is_empty())
-        .map(|origin| match origin.split_once("://") {
-            Some(("http" | "https", host)) if !host.is_empty() && !host.contains('/') => {
-                Ok(origin.to_owned())
-            }
-            _ => Err(invalid(
-                "CORS_ORIGINS",
-                format!("{origin:?} is not an origin like https://app.example.com"),
-            )),
+        .map(|origin| {
+            normalize_origin(origin).ok_or_else(|| {
+                invalid(
+                    "CORS_ORIGINS",
+                    format!("{origin:?} is not an origin like https://app.example.com"),
+                )
+            })
         })
         .collect()
 }
@@ -282,6 +390,9 @@ mod tests {
         Config::from_lookup(|name| map.get(name).cloned())
     }
 
+    /// A secret long enough for the start-up check.
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
     fn error_line(vars: &[(&str, &str)]) -> String {
         load(vars)
             .expect_err("configuration must be refused")
@@ -291,7 +402,7 @@ mod tests {
     /// With only a secret, every other setting takes its documented default.
     #[test]
     fn defaults() {
-        let config = load(&[("JWT_SECRET", "s")]).expect("valid");
+        let config = load(&[("JWT_SECRET", SECRET)]).expect("valid");
         assert_eq!(config.site_addr.to_string(), DEFAULT_SITE_ADDR);
         assert_eq!(config.leptos.site_addr, config.site_addr);
         assert_eq!(
@@ -312,27 +423,36 @@ mod tests {
     #[test]
     fn all_variables() {
         let config = load(&[
-            ("LEPTOS_SITE_ADDR", "0.0.0.0:8080"),
+            ("LEPTOS_SITE_ADDR", "127.0.0.2:8080"),
             ("DATABASE_URL", "postgres://root@127.0.0.1/test"),
             ("REDIS_URL", "redis://127.0.0.1:6379"),
             ("REDIS_PASSWORD", "pw"),
             ("REDIS_CHANNEL_PREFIX", "staging"),
-            ("SUPABASE_JWT_SECRET", "supa"),
+            ("SUPABASE_JWT_SECRET", "supa-0123456789abcdef0123456789ab"),
             ("JWT_AUDIENCE", "authenticated"),
             ("SUPABASE_URL", "https://x.supabase.co/"),
-            ("SUPABASE_SERVICE_ROLE_KEY", "key"),
+            (
+                "SUPABASE_SERVICE_ROLE_KEY",
+                "key-0123456789abcdef0123456789abc",
+            ),
             ("LIVECREDITS_DEV_LOGIN", "1"),
             ("CORS_ORIGINS", "https://a.example, http://localhost:5173"),
             ("LIVECREDITS_MAX_LIVE_PER_USER", "4"),
             ("LIVECREDITS_MAX_POLLS_PER_USER", "2"),
             ("LIVECREDITS_MAX_CONNECTIONS", "1000"),
+            ("LIVECREDITS_PUBLIC_URL", "HTTPS://App.Example:443/"),
         ])
         .expect("valid");
         assert_eq!(config.site_addr.port(), 8080);
         assert!(matches!(config.database_url, DatabaseUrl::Postgres(_)));
         assert_eq!(config.redis_password.as_deref(), Some("pw"));
         assert_eq!(config.channel_prefix, "staging");
-        assert_eq!(config.jwt_secret.as_deref(), Some("supa"));
+        assert_eq!(
+            config.jwt_secret.as_deref(),
+            Some("supa-0123456789abcdef0123456789ab")
+        );
+        assert_eq!(config.public_url.origin(), "https://app.example");
+        assert!(config.public_url.is_https());
         assert_eq!(config.jwt_audience.as_deref(), Some("authenticated"));
         assert_eq!(
             config.supabase_url.as_deref(),
@@ -351,8 +471,10 @@ mod tests {
     /// `JWT_SECRET` wins over `SUPABASE_JWT_SECRET`.
     #[test]
     fn jwt_secret_precedence() {
-        let config = load(&[("JWT_SECRET", "a"), ("SUPABASE_JWT_SECRET", "b")]).expect("valid");
-        assert_eq!(config.jwt_secret.as_deref(), Some("a"));
+        let other = "b".repeat(MIN_SECRET_BYTES);
+        let config =
+            load(&[("JWT_SECRET", SECRET), ("SUPABASE_JWT_SECRET", &other)]).expect("valid");
+        assert_eq!(config.jwt_secret.as_deref(), Some(SECRET));
     }
 
     /// Without a secret, start-up needs dev mode or Supabase mode.
@@ -377,9 +499,12 @@ mod tests {
             ("CORS_ORIGINS", "https://a.example/path"),
             ("LIVECREDITS_MAX_LIVE_PER_USER", "0"),
             ("LIVECREDITS_MAX_CONNECTIONS", "lots"),
+            ("LIVECREDITS_PUBLIC_URL", "https://app.example/path"),
+            ("LIVECREDITS_PUBLIC_URL", "ftp://app.example"),
+            ("SUPABASE_SERVICE_ROLE_KEY", "short-key"),
         ];
         for (var, value) in cases {
-            let line = error_line(&[("JWT_SECRET", "s"), (var, value)]);
+            let line = error_line(&[("JWT_SECRET", SECRET), (var, value)]);
             assert!(
                 line.starts_with(&format!("{var}: ")),
                 "{var}={value}: {line}"
@@ -391,7 +516,73 @@ mod tests {
     /// Blank values count as unset.
     #[test]
     fn blank_is_unset() {
-        let config = load(&[("JWT_SECRET", "s"), ("REDIS_URL", "  ")]).expect("valid");
+        let config = load(&[("JWT_SECRET", SECRET), ("REDIS_URL", "  ")]).expect("valid");
         assert_eq!(config.redis_url, None);
+    }
+
+    /// Secrets shorter than 32 bytes stop start-up, naming the variable that held them.
+    #[test]
+    fn short_secrets_are_refused() {
+        let short = "change-me-please";
+        assert!(error_line(&[("JWT_SECRET", short)]).starts_with("JWT_SECRET: too short"));
+        assert!(
+            error_line(&[("SUPABASE_JWT_SECRET", short)])
+                .starts_with("SUPABASE_JWT_SECRET: too short")
+        );
+        assert!(
+            error_line(&[("JWT_SECRET", SECRET), ("SUPABASE_SERVICE_ROLE_KEY", short)])
+                .starts_with("SUPABASE_SERVICE_ROLE_KEY: too short")
+        );
+        assert!(load(&[("JWT_SECRET", &"x".repeat(MIN_SECRET_BYTES))]).is_ok());
+    }
+
+    /// Dev sign-in only listens on loopback addresses, IPv4 or IPv6.
+    #[test]
+    fn dev_login_needs_loopback() {
+        for addr in ["0.0.0.0:3000", "[::]:3000", "192.0.2.1:3000"] {
+            let line = error_line(&[("LIVECREDITS_DEV_LOGIN", "1"), ("LEPTOS_SITE_ADDR", addr)]);
+            assert!(
+                line.starts_with("LIVECREDITS_DEV_LOGIN: "),
+                "{addr}: {line}"
+            );
+        }
+        for addr in ["127.0.0.1:3000", "[::1]:3000"] {
+            assert!(load(&[("LIVECREDITS_DEV_LOGIN", "1"), ("LEPTOS_SITE_ADDR", addr)]).is_ok());
+        }
+        assert!(load(&[("JWT_SECRET", SECRET), ("LEPTOS_SITE_ADDR", "0.0.0.0:3000")]).is_ok());
+    }
+
+    /// Without `LIVECREDITS_PUBLIC_URL`, browsers are assumed to use the listen address.
+    #[test]
+    fn public_url_defaults_to_listen_address() {
+        let config = load(&[
+            ("JWT_SECRET", SECRET),
+            ("LEPTOS_SITE_ADDR", "127.0.0.1:4000"),
+        ])
+        .expect("valid");
+        assert_eq!(config.public_url.origin(), "http://127.0.0.1:4000");
+        assert!(!config.public_url.is_https());
+    }
+
+    /// Passwords in URLs never reach an error line or a log.
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://app:hunter2@db:5432/x?sslmode=require"),
+            "postgres://app:***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            redact("redis://:hunter2@cache:6379"),
+            "redis://:***@cache:6379"
+        );
+        assert_eq!(redact("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+        let line = error_line(&[
+            ("JWT_SECRET", SECRET),
+            ("DATABASE_URL", "mysql://u:hunter2@h/x"),
+        ]);
+        assert!(!line.contains("hunter2"), "{line}");
+        let line = error_line(&[("JWT_SECRET", SECRET), ("REDIS_URL", "http://u:hunter2@h")]);
+        assert!(!line.contains("hunter2"), "{line}");
     }
 }

@@ -33,10 +33,8 @@ async fn main() -> ExitCode {
     };
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!("livecredits listening on http://{addr}");
-    match server::run(state, listener, shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(format_args!("server stopped: {err}")),
-    }
+    server::run(state, listener, shutdown::signal()).await;
+    ExitCode::SUCCESS
 }
 
 /// Start-up failures are one line on stderr and a non-zero exit.

@@ -15,7 +15,7 @@ use tower_http::{
 };
 use tracing::Span;
 
-use crate::{AppState, api, error::ApiError, health, metrics, pages, realtime};
+use crate::{AppState, api, error::ApiError, health, metrics, pages, realtime, security};
 
 /// The whole application: API, health, the Leptos pages and static files.
 pub fn router(state: AppState) -> Router {
@@ -28,8 +28,9 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             pages::with_page_context,
-        ));
-    Router::new()
+        ))
+        .layer(middleware::from_fn(security::page_headers));
+    let router = Router::new()
         .merge(health::router())
         .merge(metrics::router())
         .merge(realtime::router())
@@ -41,7 +42,8 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(cors(&state.config.allowed_origins))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .with_state(state)
+        .with_state(state.clone());
+    security::every_response(router, &state.config.public_url)
 }
 
 /// CORS for the origins in `CORS_ORIGINS`; with none listed, only same-origin pages may call
@@ -68,7 +70,7 @@ async fn refuse_while_stopping(
     request: Request,
     next: Next,
 ) -> Response {
-    if !state.shutdown.is_cancelled() {
+    if !state.shutdown.is_begun() {
         return next.run(request).await;
     }
     let mut response =

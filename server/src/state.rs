@@ -5,15 +5,15 @@ use std::{ops::Deref, sync::Arc};
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
 use tokio::sync::mpsc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Config,
     auth::Auth,
     bus::{Bus, RedisSettings},
-    listener,
     metrics::Metrics,
+    net,
     realtime::{RealtimeConfig, hub::Hub},
+    shutdown::Shutdown,
     store::Store,
 };
 
@@ -34,10 +34,8 @@ pub struct Shared {
     pub realtime: RealtimeConfig,
     /// Connections this instance accepts at once.
     pub max_connections: usize,
-    /// Cancelled when the instance starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Tasks that outlive their request (WebSocket sessions), awaited at shutdown.
-    pub tasks: TaskTracker,
+    /// The graceful stop, and the connection tasks it waits for.
+    pub shutdown: Shutdown,
 }
 
 /// Committed changes that may wait for the bus before commits wait too.
@@ -60,12 +58,18 @@ impl AppState {
     /// # Errors
     /// When the database cannot be opened or the dev secret cannot be kept.
     pub async fn new(config: Config) -> Result<Self, StartError> {
+        if config.dev_login {
+            tracing::warn!(
+                "LIVECREDITS_DEV_LOGIN is on: anyone who can reach this instance may sign in as \
+                 any user and change their credits; never turn it on in production"
+            );
+        }
         let auth = Auth::new(&config)?;
         let (commits, committed) = mpsc::channel(COMMITS_CAPACITY);
         let store = Store::connect(&config.database_url, commits).await?;
         let metrics = Metrics::default();
         let hub = Hub::new(config.realtime.limits, metrics.clone());
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::default();
         let bus = match &config.redis_url {
             None => Bus::local(hub.clone(), metrics.clone()),
             Some(url) => {
@@ -79,14 +83,14 @@ impl AppState {
                     hub.clone(),
                     store.clone(),
                     metrics.clone(),
-                    shutdown.clone(),
+                    shutdown.token(),
                 )?
             }
         };
         bus.publish_commits(committed);
         let max_connections = config
             .max_connections
-            .unwrap_or_else(listener::connection_capacity);
+            .unwrap_or_else(net::connection_capacity);
         Ok(Self(Arc::new(Shared {
             leptos: config.leptos.clone(),
             realtime: config.realtime,
@@ -98,7 +102,6 @@ impl AppState {
             metrics,
             max_connections,
             shutdown,
-            tasks: TaskTracker::new(),
         })))
     }
 }

@@ -20,7 +20,7 @@ fn invalid_settings_stop_start_up_with_one_line() {
         ("LIVECREDITS_DEV_LOGIN", "perhaps"),
     ];
     for (var, value) in cases {
-        let output = command(dir.path(), &[("JWT_SECRET", "s"), (var, value)])
+        let output = command(dir.path(), &[("JWT_SECRET", common::SECRET), (var, value)])
             .output()
             .expect("server runs");
         assert!(!output.status.success(), "{var}={value} must fail");

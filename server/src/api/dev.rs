@@ -30,7 +30,11 @@ async fn login(
 ) -> Result<(CookieJar, Json<DevLoginResponse>), ApiError> {
     validate_user_id(&request.user_id)?;
     let (token, expires_at) = state.auth.mint_user_token(&request.user_id, SESSION_TTL)?;
-    let cookie = auth::session_cookie(token.clone(), expires_at);
+    let cookie = auth::session_cookie(
+        token.clone(),
+        expires_at,
+        state.config.public_url.is_https(),
+    );
     let body = DevLoginResponse {
         token,
         user_id: request.user_id,

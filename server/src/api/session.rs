@@ -30,7 +30,11 @@ async fn sign_in(
     let session = pages::session(&state, &request.token)
         .await
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "invalid token"))?;
-    let cookie = auth::session_cookie(request.token, session.expires_at);
+    let cookie = auth::session_cookie(
+        request.token,
+        session.expires_at,
+        state.config.public_url.is_https(),
+    );
     Ok((jar.add(cookie), Json(session)))
 }
 

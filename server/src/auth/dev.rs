@@ -5,6 +5,8 @@ use std::{io, path::Path};
 
 use rand::{Rng, distr::Alphanumeric};
 
+use crate::owner_only;
+
 /// File name of the generated secret inside the data folder.
 pub const SECRET_FILE: &str = "dev-jwt-secret";
 const SECRET_LEN: usize = 48;
@@ -21,26 +23,15 @@ pub fn load_or_create_secret(data_dir: &Path) -> io::Result<String> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => return Err(err),
     }
-    std::fs::create_dir_all(data_dir)?;
+    owner_only::create_dir(data_dir)?;
     let secret: String = rand::rng()
         .sample_iter(Alphanumeric)
         .take(SECRET_LEN)
         .map(char::from)
         .collect();
-    write_private(&path, &secret)?;
+    owner_only::write(&path, &secret)?;
     tracing::info!(path = %path.display(), "generated a dev JWT secret");
     Ok(secret)
-}
-
-fn write_private(path: &Path, contents: &str) -> io::Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())
 }
 
 #[cfg(test)]

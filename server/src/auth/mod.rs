@@ -25,13 +25,15 @@ use crate::{AppState, Config, error::ApiError, store};
 pub const SESSION_COOKIE: &str = "livecredits_session";
 
 /// The session cookie holding `token` until `expires_at`: HttpOnly (page scripts never see
-/// it) and SameSite=Lax (other sites cannot send it with their requests).
-pub fn session_cookie(token: String, expires_at: DateTime<Utc>) -> Cookie<'static> {
+/// it), SameSite=Lax (other sites cannot send it with their requests), and `Secure` when
+/// browsers reach us over https (`LIVECREDITS_PUBLIC_URL`), so it never travels in clear.
+pub fn session_cookie(token: String, expires_at: DateTime<Utc>, secure: bool) -> Cookie<'static> {
     let max_age = (expires_at - Utc::now()).num_seconds().max(0);
     Cookie::build((SESSION_COOKIE, token))
         .path("/")
         .http_only(true)
         .same_site(SameSite::Lax)
+        .secure(secure)
         .max_age(time::Duration::seconds(max_age))
         .build()
 }

@@ -12,7 +12,10 @@ use std::time::Duration;
 use app::wire::BalanceEvent;
 use axum::{Router, extract::ws::Utf8Bytes, http::HeaderMap};
 
-use crate::AppState;
+use crate::{
+    AppState,
+    config::{PublicUrl, normalize_origin},
+};
 
 /// A committed change as the hub fans it out: the event and its JSON, encoded once for
 /// every connection that sends it.
@@ -69,18 +72,26 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Whether a cookie-authenticated browser request comes from a page allowed to use the
-/// session: the same origin as the request's host, or one listed in `CORS_ORIGINS`.
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+/// session: the public URL's origin or one listed in `CORS_ORIGINS`, compared by scheme, host
+/// and port. Without an https public URL, a page of the request's own host also passes, so
+/// `localhost` and `127.0.0.1` both work in development.
+fn origin_allowed(headers: &HeaderMap, public_url: &PublicUrl, allowed: &[String]) -> bool {
     let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
         // Non-browser clients send no Origin; a browser's WebSocket always does.
         return true;
     };
-    let same_origin = headers
-        .get("host")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|host| origin.split_once("://").map(|(_, rest)| rest == host))
-        .unwrap_or(false);
-    same_origin || allowed.iter().any(|allowed| allowed == origin)
+    let Some(origin) = normalize_origin(origin) else {
+        return false;
+    };
+    if origin == public_url.origin() || allowed.contains(&origin) {
+        return true;
+    }
+    !public_url.is_https()
+        && headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|host| normalize_origin(&format!("http://{host}")))
+            .is_some_and(|own| own == origin)
 }
 
 /// The tokio instant at which the wall-clock time `at` arrives (now, if it has passed); used
@@ -103,26 +114,42 @@ mod tests {
         headers
     }
 
-    /// Same origin and listed origins pass; any other site is refused.
+    fn public(url: &str) -> PublicUrl {
+        let config = crate::Config::from_lookup(|name| match name {
+            "JWT_SECRET" => Some("0123456789abcdef0123456789abcdef".into()),
+            "LIVECREDITS_PUBLIC_URL" => Some(url.into()),
+            _ => None,
+        })
+        .expect("valid");
+        config.public_url
+    }
+
+    /// Over http: the public origin, the request's own host and listed origins pass; any
+    /// other site or port is refused.
     #[test]
-    fn origin_check() {
+    fn origin_check_over_http() {
+        let url = public("http://127.0.0.1:3000");
         let allowed = vec!["https://app.example".to_owned()];
-        assert!(origin_allowed(
-            &headers(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"),
-            &allowed
-        ));
-        assert!(origin_allowed(
-            &headers(Some("https://app.example"), "api.example"),
-            &allowed
-        ));
-        assert!(!origin_allowed(
-            &headers(Some("https://evil.example"), "127.0.0.1:3000"),
-            &allowed
-        ));
-        assert!(!origin_allowed(
-            &headers(Some("http://127.0.0.1:3001"), "127.0.0.1:3000"),
-            &allowed
-        ));
-        assert!(origin_allowed(&headers(None, "127.0.0.1:3000"), &allowed));
+        let ok = |origin, host| origin_allowed(&headers(origin, host), &url, &allowed);
+        assert!(ok(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"));
+        assert!(ok(Some("http://localhost:3000"), "localhost:3000"));
+        assert!(ok(Some("https://app.example"), "api.example"));
+        assert!(ok(Some("https://APP.example:443"), "api.example"));
+        assert!(!ok(Some("https://evil.example"), "127.0.0.1:3000"));
+        assert!(!ok(Some("http://127.0.0.1:3001"), "127.0.0.1:3000"));
+        assert!(!ok(Some("null"), "127.0.0.1:3000"));
+        assert!(ok(None, "127.0.0.1:3000"));
+    }
+
+    /// Over https, scheme, host and port must match the public URL or a listed origin; the
+    /// Host header, which a proxy may rewrite, vouches for nothing.
+    #[test]
+    fn origin_check_over_https() {
+        let url = public("https://credits.example");
+        let ok = |origin, host| origin_allowed(&headers(origin, host), &url, &[]);
+        assert!(ok(Some("https://credits.example"), "10.0.0.5:3000"));
+        assert!(!ok(Some("http://credits.example"), "credits.example"));
+        assert!(!ok(Some("https://credits.example:8443"), "credits.example"));
+        assert!(!ok(Some("http://10.0.0.5:3000"), "10.0.0.5:3000"));
     }
 }

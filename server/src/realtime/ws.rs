@@ -69,8 +69,8 @@ async fn upgrade(
                 subscription,
                 first,
             });
-            let tracker = state.tasks.clone();
-            upgrade.on_upgrade(move |socket| tracker.track_future(Session::run(socket, *admitted)))
+            let shutdown = state.shutdown.clone();
+            upgrade.on_upgrade(move |socket| shutdown.track(Session::run(socket, *admitted)))
         }
         Err((code, reason)) => upgrade.on_upgrade(move |socket| refuse(socket, code, reason)),
     }
@@ -85,7 +85,11 @@ async fn admit(
     headers: &HeaderMap,
 ) -> Result<(Subscription, Utf8Bytes), (u16, String)> {
     if caller.source == TokenSource::Cookie
-        && !origin_allowed(headers, &state.config.allowed_origins)
+        && !origin_allowed(
+            headers,
+            &state.config.public_url,
+            &state.config.allowed_origins,
+        )
     {
         state.metrics.refused("forbidden_origin");
         return Err((close::FORBIDDEN_ORIGIN, "origin not allowed".into()));

@@ -1,13 +1,15 @@
 //! The SQLite backend: one file in WAL mode, one writer connection (SQLite admits one writer
 //! at a time, so queueing in the pool beats spinning on the busy lock) and a few readers.
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
     Sqlite, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
+
+use crate::owner_only;
 
 use super::{
     AccountRow, KeyedRow, LedgerRow, NamedAccountRow, StoreError,
@@ -37,9 +39,15 @@ impl Db {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        if let Some(dir) = options.get_filename().parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|err| StoreError::Unavailable(Arc::new(err.into())))?;
+        let file = options.get_filename();
+        if file != Path::new(":memory:") {
+            let create = |file: &Path| {
+                if let Some(dir) = file.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                    owner_only::create_dir(dir)?;
+                }
+                owner_only::touch(file)
+            };
+            create(file).map_err(|err| StoreError::Unavailable(Arc::new(err.into())))?;
         }
         let writer = SqlitePoolOptions::new()
             .max_connections(1)

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 /// The HS256 secret of test configurations.
 pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
 /// The opaque service key of test configurations.
-pub const SERVICE_KEY: &str = "sb_secret_test_service_key";
+pub const SERVICE_KEY: &str = "sb_secret_test_service_key_0123456789";
 
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {

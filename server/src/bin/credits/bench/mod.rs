@@ -106,7 +106,7 @@ pub struct Spread {
 impl Bench {
     pub async fn run(self, url: &str, out: Output) -> Result<(), Failure> {
         let target = loopback_target(url).await?;
-        let files = server::listener::raise_open_files_limit();
+        let files = server::net::raise_open_files_limit();
         let lag = LoopLag::start();
         match self {
             Self::Capacity {

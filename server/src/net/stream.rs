@@ -6,9 +6,9 @@
 //! written straight to the socket, delimited by closing the connection.
 //!
 //! Everything else — other routes, keep-alive connections that ask for a stream later, a
-//! first request still arriving after the sniffing window — goes to hyper unchanged.
+//! request line that has not fully arrived when the first bytes are peeked — goes to hyper.
 
-use std::{io, pin::pin, time::Duration};
+use std::{io, pin::pin};
 
 use axum::{
     Router,
@@ -20,17 +20,14 @@ use http_body_util::BodyExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    time::timeout,
+    time::{Instant, timeout_at},
 };
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::listener::Limited;
+use super::Conn;
 
 /// Request lines served here: `GET` of these paths, with or without a query string.
 const STREAM_PATHS: &[&str] = &["/api/credits/sse"];
-/// How long a new connection may stay silent before it goes to hyper without sniffing.
-const SNIFF_WINDOW: Duration = Duration::from_secs(10);
 /// Bytes peeked from a new connection: enough for `GET ` and the longest stream path.
 const SNIFF_LEN: usize = 32;
 /// Largest request head a stream connection accepts (hyper's default limit is larger, but a
@@ -38,36 +35,25 @@ const SNIFF_LEN: usize = 32;
 const MAX_HEAD: usize = 8 * 1024;
 /// Most headers a stream request may carry.
 const MAX_HEADERS: usize = 64;
-/// A request head must arrive within this.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A write to a client that does not read for this long ends the connection.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where new connections go: the stream routes here, the rest to hyper.
-#[derive(Clone)]
-pub struct Triage {
-    router: Router,
-    tasks: TaskTracker,
+/// What the first bytes of a connection say.
+pub(super) enum Sniffed {
+    /// A stream request: serve it here.
+    Stream,
+    /// Anything else, or a request line not yet complete: hyper's.
+    Other,
+    /// Nothing before the head deadline, or the client left.
+    Silent,
 }
 
-impl Triage {
-    pub fn new(router: Router, tasks: TaskTracker) -> Self {
-        Self { router, tasks }
-    }
-
-    /// Serves `conn` here if it opens with a stream request; otherwise hands it back for
-    /// hyper. Only peeks, so a connection handed back has lost nothing.
-    pub async fn sniff(self, conn: Limited) -> Option<Limited> {
-        let mut start = [0u8; SNIFF_LEN];
-        let peeked = match timeout(SNIFF_WINDOW, conn.stream().peek(&mut start)).await {
-            Ok(Ok(peeked)) => peeked,
-            Ok(Err(_)) | Err(_) => return Some(conn),
-        };
-        if !opens_stream(&start[..peeked]) {
-            return Some(conn);
-        }
-        self.tasks.spawn(serve(conn, self.router));
-        None
+/// Looks at the first bytes of `conn` without consuming them, waiting for them until
+/// `deadline`.
+pub(super) async fn sniff(conn: &Conn, deadline: Instant) -> Sniffed {
+    let mut start = [0u8; SNIFF_LEN];
+    match timeout_at(deadline, conn.stream().peek(&mut start)).await {
+        Ok(Ok(0) | Err(_)) | Err(_) => Sniffed::Silent,
+        Ok(Ok(peeked)) if opens_stream(&start[..peeked]) => Sniffed::Stream,
+        Ok(Ok(_)) => Sniffed::Other,
     }
 }
 
@@ -83,9 +69,10 @@ fn opens_stream(start: &[u8]) -> bool {
     })
 }
 
-/// Reads one request, lets the router answer it and writes the answer; then closes.
-async fn serve(mut conn: Limited, router: Router) {
-    let response = match timeout(HEAD_TIMEOUT, read_request(&mut conn)).await {
+/// Reads one request (its head due by `deadline`), lets the router answer it and writes the
+/// answer; then closes.
+pub(super) async fn serve(mut conn: Conn, router: Router, deadline: Instant) {
+    let response = match timeout_at(deadline, read_request(&mut conn)).await {
         Ok(Ok(request)) => match router.oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
@@ -101,7 +88,7 @@ async fn serve(mut conn: Limited, router: Router) {
 
 /// Reads and parses the request head. Stream requests carry no body, so one that announces
 /// a body is refused rather than left half-read.
-async fn read_request(conn: &mut Limited) -> Result<Request<Body>, StatusCode> {
+async fn read_request(conn: &mut Conn) -> Result<Request<Body>, StatusCode> {
     let mut head = Vec::with_capacity(1024);
     loop {
         let room = (MAX_HEAD - head.len()) as u64;
@@ -155,7 +142,7 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Result<Request<Body>, Statu
 
 /// Writes the response head, then each body frame as it comes, until the body ends or the
 /// client goes away.
-async fn respond(conn: &mut Limited, response: Response) -> io::Result<()> {
+async fn respond(conn: &mut Conn, response: Response) -> io::Result<()> {
     let (parts, body) = response.into_parts();
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 ");
@@ -175,7 +162,7 @@ async fn respond(conn: &mut Limited, response: Response) -> io::Result<()> {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    write(conn, &head).await?;
+    conn.write_all(&head).await?;
     drop(head);
 
     let mut body = pin!(body);
@@ -187,15 +174,9 @@ async fn respond(conn: &mut Limited, response: Response) -> io::Result<()> {
         let Some(frame) = frame else { return Ok(()) };
         let frame = frame.map_err(io::Error::other)?;
         if let Ok(data) = frame.into_data() {
-            write(conn, &data).await?;
+            conn.write_all(&data).await?;
         }
     }
-}
-
-async fn write(conn: &mut Limited, bytes: &[u8]) -> io::Result<()> {
-    timeout(WRITE_TIMEOUT, conn.write_all(bytes))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 /// Completes when the client closes the connection or sends anything more: a stream client
