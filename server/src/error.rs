@@ -81,10 +81,9 @@ impl From<StoreError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         let code = match &err {
-            AuthError::Missing
-            | AuthError::Invalid(_)
-            | AuthError::BadSignature
-            | AuthError::Expired => ErrorCode::Unauthorized,
+            AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => {
+                ErrorCode::Unauthorized
+            }
             AuthError::Forbidden(_) => ErrorCode::Forbidden,
             AuthError::Unavailable => ErrorCode::Unavailable,
             AuthError::Internal(_) => return Self::internal(&err),

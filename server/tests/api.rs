@@ -584,3 +584,24 @@ async fn cors_for_listed_origins_only() {
         }
     }
 }
+
+/// `nbf` more than the 5 s leeway ahead is refused like `exp`; within the leeway it passes.
+#[tokio::test]
+async fn tokens_not_yet_valid_are_refused() {
+    let (_db, state) = sqlite_state(&[]).await;
+    let secret = EncodingKey::from_secret(SECRET.as_bytes());
+    let token = |nbf: i64| {
+        sign(
+            json!({"sub": "alice", "exp": now_plus(600), "nbf": now_plus(nbf)}),
+            Algorithm::HS256,
+            &secret,
+        )
+    };
+    let early = send(&state, get("/api/credits/balance", Some(&token(60)))).await;
+    assert_eq!(
+        (early.status, early.error_code().as_str()),
+        (401, "unauthorized")
+    );
+    let skewed = send(&state, get("/api/credits/balance", Some(&token(2)))).await;
+    assert_eq!(skewed.status, 200);
+}

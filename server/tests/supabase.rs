@@ -1,5 +1,6 @@
 //! Supabase mode against a local server that plays Supabase Auth over real HTTP: JWKS with
-//! real RSA and EC keys, key rotation, and `/auth/v1/user` with its cache.
+//! real RSA and EC keys, key rotation, `/auth/v1/user` with its cache, and the bounds that
+//! keep Supabase from being flooded through us (SPEC §10).
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -18,10 +19,18 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::get,
 };
-use common::{SERVICE_KEY, TestDb, change, config, get as get_req, now_plus, post, send, sign};
+use common::{
+    SECRET, SERVICE_KEY, TestDb, change, config, get as get_req, now_plus, post, send, sign,
+};
+use futures::future::join_all;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use server::AppState;
+
+/// The server's shortest time between two JWKS downloads.
+const JWKS_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// The server's bound on `/auth/v1/user` look-ups in flight.
+const MAX_LOOKUPS_IN_FLIGHT: usize = 16;
 
 /// What the fake Supabase Auth serves and how often it was asked.
 #[derive(Clone, Default)]
@@ -30,8 +39,22 @@ struct Fake {
     users: Arc<Mutex<HashMap<String, String>>>,
     jwks_hits: Arc<AtomicUsize>,
     user_hits: Arc<AtomicUsize>,
-    /// When set, Auth answers 503 as during an outage.
-    down: Arc<AtomicBool>,
+    /// When non-zero, both endpoints answer this status, as during an outage.
+    outage: Arc<AtomicU16>,
+    /// How long `/auth/v1/user` takes to answer, in milliseconds.
+    delay_ms: Arc<AtomicU64>,
+    /// `/auth/v1/user` requests being answered now, and the most ever at once.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+impl Fake {
+    fn outage_status(&self) -> Option<StatusCode> {
+        match self.outage.load(Ordering::SeqCst) {
+            0 => None,
+            code => Some(StatusCode::from_u16(code).expect("a status code")),
+        }
+    }
 }
 
 fn fixture_keys() -> Vec<Value> {
@@ -39,18 +62,24 @@ fn fixture_keys() -> Vec<Value> {
     set["keys"].as_array().expect("keys").clone()
 }
 
-async fn jwks(State(fake): State<Fake>) -> Json<Value> {
+async fn jwks(State(fake): State<Fake>) -> (StatusCode, Json<Value>) {
     fake.jwks_hits.fetch_add(1, Ordering::SeqCst);
-    Json(json!({ "keys": *fake.jwks.lock().expect("lock") }))
+    if let Some(status) = fake.outage_status() {
+        return (status, Json(json!({"msg": "down"})));
+    }
+    let keys = json!({ "keys": *fake.jwks.lock().expect("lock") });
+    (StatusCode::OK, Json(keys))
 }
 
 async fn user(State(fake): State<Fake>, headers: HeaderMap) -> (StatusCode, Json<Value>) {
     fake.user_hits.fetch_add(1, Ordering::SeqCst);
-    if fake.down.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"msg": "down"})),
-        );
+    let now = fake.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    fake.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let delay = fake.delay_ms.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    fake.in_flight.fetch_sub(1, Ordering::SeqCst);
+    if let Some(status) = fake.outage_status() {
+        return (status, Json(json!({"msg": "down"})));
     }
     let refuse = (
         StatusCode::UNAUTHORIZED,
@@ -106,6 +135,21 @@ fn signed(alg: Algorithm, kid: &str, claims: Value) -> String {
     jsonwebtoken::encode(&header, &claims, &key).expect("signs")
 }
 
+/// An HS256 token under a secret this instance does not have, so only Supabase can vouch
+/// for it.
+fn foreign(claims: Value) -> String {
+    let key = EncodingKey::from_secret(b"the-project-secret-we-do-not-have-0123");
+    sign(claims, Algorithm::HS256, &key)
+}
+
+/// Registers `token` at the fake as `user`'s.
+fn vouch(fake: &Fake, token: &str, user: &str) {
+    fake.users
+        .lock()
+        .expect("lock")
+        .insert(token.to_owned(), user.to_owned());
+}
+
 async fn balance_status(state: &AppState, token: &str) -> (u16, Value) {
     let answer = send(state, get_req("/api/credits/balance", Some(token))).await;
     let body = answer.json();
@@ -146,15 +190,16 @@ async fn asymmetric_tokens_verify_with_jwks() {
     );
 }
 
-/// A key published after the cache was filled is found by refreshing on its unknown `kid`,
-/// and refreshes are rate-limited.
+/// A key published after the cache was filled is found by refreshing on its unknown `kid`
+/// once the refresh interval has passed, and refreshes are rate-limited.
 #[tokio::test]
 async fn unknown_kid_refreshes_the_keys() {
     let keys = fixture_keys();
     let (fake, url) = start_fake(vec![keys[0].clone()]).await;
     let db = TestDb::sqlite();
     let state = supabase_state(&db, &url).await;
-    let claims = json!({"sub": "u", "exp": now_plus(60)});
+    let claims = json!({"sub": "u", "exp": now_plus(120)});
+    let rotated = signed(Algorithm::ES256, "ec-1", claims.clone());
 
     assert_eq!(
         balance_status(&state, &signed(Algorithm::RS256, "rsa-1", claims.clone()))
@@ -163,13 +208,10 @@ async fn unknown_kid_refreshes_the_keys() {
         200
     );
     fake.jwks.lock().expect("lock").push(keys[1].clone());
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(
-        balance_status(&state, &signed(Algorithm::ES256, "ec-1", claims.clone()))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(balance_status(&state, &rotated).await.0, 401, "too soon");
+    assert_eq!(fake.jwks_hits.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(JWKS_REFRESH_INTERVAL + Duration::from_secs(1)).await;
+    assert_eq!(balance_status(&state, &rotated).await.0, 200);
     assert_eq!(fake.jwks_hits.load(Ordering::SeqCst), 2);
 
     let bogus = signed(Algorithm::ES256, "made-up", claims);
@@ -186,12 +228,7 @@ async fn other_tokens_verify_through_auth_user() {
     let (fake, url) = start_fake(fixture_keys()).await;
     let db = TestDb::sqlite();
     let state = supabase_state(&db, &url).await;
-    let foreign = EncodingKey::from_secret(b"the-project-secret-we-do-not-have");
-    let token = sign(
-        json!({"sub": "ignored", "exp": now_plus(60)}),
-        Algorithm::HS256,
-        &foreign,
-    );
+    let token = foreign(json!({"sub": "ignored", "exp": now_plus(60)}));
     fake.users
         .lock()
         .expect("lock")
@@ -209,26 +246,14 @@ async fn other_tokens_verify_through_auth_user() {
         "second call served from the cache"
     );
 
-    let refused = sign(
-        json!({"sub": "x", "exp": now_plus(60)}),
-        Algorithm::HS256,
-        &foreign,
-    );
+    let refused = foreign(json!({"sub": "x", "exp": now_plus(60)}));
     assert_eq!(balance_status(&state, &refused).await.0, 401);
-    let expired = sign(
-        json!({"sub": "x", "exp": now_plus(-60)}),
-        Algorithm::HS256,
-        &foreign,
-    );
+    let expired = foreign(json!({"sub": "x", "exp": now_plus(-60)}));
     assert_eq!(balance_status(&state, &expired).await.0, 401);
 
     // With Supabase Auth down, an unknown token is 503, not a false 401; cached ones still pass.
-    fake.down.store(true, Ordering::SeqCst);
-    let unknown = sign(
-        json!({"sub": "y", "exp": now_plus(60)}),
-        Algorithm::HS256,
-        &foreign,
-    );
+    fake.outage.store(503, Ordering::SeqCst);
+    let unknown = foreign(json!({"sub": "y", "exp": now_plus(60)}));
     let (status, body) = balance_status(&state, &unknown).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")));
     assert_eq!(balance_status(&state, &token).await.0, 200);
@@ -250,4 +275,152 @@ async fn service_role_key_is_a_service() {
     )
     .await;
     assert_eq!(answer.status, 201);
+}
+
+/// A token Supabase refuses, asked 50 times at once and 50 more times in a row, costs one
+/// `/auth/v1/user` request; every answer is 401.
+#[tokio::test]
+async fn refused_token_costs_one_lookup() {
+    let (fake, url) = start_fake(fixture_keys()).await;
+    let db = TestDb::sqlite();
+    let state = supabase_state(&db, &url).await;
+    let junk = foreign(json!({"sub": "nobody", "exp": now_plus(600)}));
+
+    let answers = join_all((0..50).map(|_| balance_status(&state, &junk))).await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 401),
+        "{answers:?}"
+    );
+    for _ in 0..50 {
+        assert_eq!(balance_status(&state, &junk).await.0, 401);
+    }
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 1);
+}
+
+/// Supabase answering 429 is `503 unavailable`, not 401, and 20 concurrent requests with
+/// one token cost one request.
+#[tokio::test]
+async fn rate_limited_auth_is_unavailable() {
+    let (fake, url) = start_fake(fixture_keys()).await;
+    let db = TestDb::sqlite();
+    let state = supabase_state(&db, &url).await;
+    let token = foreign(json!({"sub": "x", "exp": now_plus(600)}));
+    vouch(&fake, &token, "remote-user");
+    fake.outage.store(429, Ordering::SeqCst);
+
+    let answers = join_all((0..20).map(|_| balance_status(&state, &token))).await;
+    for (status, body) in answers {
+        assert_eq!(status, 503);
+        assert_eq!(body["error"], "unavailable");
+        assert!(body["message"].is_string());
+    }
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 1);
+}
+
+/// With a local secret and Supabase both configured, an HS256 token with a bad signature is
+/// refused locally, even one Supabase would vouch for.
+#[tokio::test]
+async fn local_secret_decides_hs256_alone() {
+    let (fake, url) = start_fake(fixture_keys()).await;
+    let db = TestDb::sqlite();
+    let state = common::state(config(
+        &db,
+        &[("SUPABASE_URL", &url), ("JWT_SECRET", SECRET)],
+    ))
+    .await;
+    let forged = foreign(json!({"sub": "mallory", "exp": now_plus(600)}));
+    vouch(&fake, &forged, "mallory");
+
+    let (status, body) = balance_status(&state, &forged).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 0);
+}
+
+/// Many distinct tokens at once against a slow Supabase: never more than 16 look-ups in
+/// flight, and every caller is still answered.
+#[tokio::test]
+async fn lookups_in_flight_are_bounded() {
+    let (fake, url) = start_fake(fixture_keys()).await;
+    let db = TestDb::sqlite();
+    let state = supabase_state(&db, &url).await;
+    fake.delay_ms.store(300, Ordering::SeqCst);
+    let tokens: Vec<String> = (0..40)
+        .map(|i| {
+            let token = foreign(json!({"sub": format!("u{i}"), "exp": now_plus(600)}));
+            vouch(&fake, &token, &format!("user-{i}"));
+            token
+        })
+        .collect();
+
+    let answers = join_all(tokens.iter().map(|token| balance_status(&state, token))).await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 40);
+    let most = fake.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (2..=MAX_LOOKUPS_IN_FLIGHT).contains(&most),
+        "{most} in flight"
+    );
+}
+
+/// Unknown `kid`s, at once and in a row, cause one JWKS download per refresh interval; a
+/// failed download counts too, and leaves callers with 503 rather than a false 401.
+#[tokio::test]
+async fn jwks_downloads_are_single_flight_and_rate_limited() {
+    for outage in [0, 500] {
+        let (fake, url) = start_fake(fixture_keys()).await;
+        fake.outage.store(outage, Ordering::SeqCst);
+        let expected = if outage == 0 { 401 } else { 503 };
+        let db = TestDb::sqlite();
+        let state = supabase_state(&db, &url).await;
+        let made_up = |i: usize| {
+            let claims = json!({"sub": "u", "exp": now_plus(600)});
+            signed(Algorithm::RS256, &format!("made-up-{i}"), claims)
+        };
+
+        let tokens: Vec<String> = (0..30).map(made_up).collect();
+        let answers = join_all(tokens.iter().map(|token| balance_status(&state, token))).await;
+        assert!(
+            answers.iter().all(|(status, _)| *status == expected),
+            "{answers:?}"
+        );
+        for i in 30..40 {
+            assert_eq!(balance_status(&state, &made_up(i)).await.0, expected);
+        }
+        assert_eq!(fake.jwks_hits.load(Ordering::SeqCst), 1, "outage {outage}");
+    }
+}
+
+/// `nbf` more than the 5 s leeway ahead is refused on the JWKS and `/auth/v1/user` paths,
+/// the latter without asking Supabase; within the leeway the token is accepted.
+#[tokio::test]
+async fn not_yet_valid_tokens_are_refused() {
+    let (fake, url) = start_fake(fixture_keys()).await;
+    let db = TestDb::sqlite();
+    let state = supabase_state(&db, &url).await;
+    let claims = |nbf: i64| json!({"sub": "u", "exp": now_plus(600), "nbf": now_plus(nbf)});
+
+    let early = signed(Algorithm::RS256, "rsa-1", claims(60));
+    assert_eq!(balance_status(&state, &early).await.0, 401);
+    let skewed = signed(Algorithm::RS256, "rsa-1", claims(2));
+    assert_eq!(balance_status(&state, &skewed).await.0, 200);
+
+    let early = foreign(claims(60));
+    vouch(&fake, &early, "remote-user");
+    let (status, body) = balance_status(&state, &early).await;
+    assert_eq!(status, 401);
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not yet valid"))
+    );
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 0);
+    let skewed = foreign(claims(2));
+    vouch(&fake, &skewed, "remote-user");
+    assert_eq!(balance_status(&state, &skewed).await.0, 200);
 }

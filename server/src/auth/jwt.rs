@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::AuthError;
 
-/// Clock skew tolerated on `exp` (SPEC §5: at most 5 s, not the library's 60 s).
+/// Clock skew tolerated on `exp` and `nbf` (SPEC §5: at most 5 s, not the library's 60 s).
 pub const LEEWAY_SECS: u64 = 5;
+/// What a client is told about a token whose `nbf` is still ahead (SPEC §10).
+const NOT_YET_VALID: &str = "token not yet valid";
 /// The `role` claim of a service credential.
 pub const SERVICE_ROLE: &str = "service_role";
 /// The `role` claim of a signed-in user, as Supabase issues it.
@@ -29,11 +31,12 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
-/// Validation rules shared by every verifier: the one algorithm given, `exp` required with
-/// 5 s of leeway, `aud` checked only when configured.
+/// Validation rules shared by every verifier: the one algorithm given, `exp` required and
+/// `nbf` (when present) enforced, both with 5 s of leeway, `aud` checked only when configured.
 pub fn validation(algorithm: Algorithm, audience: Option<&str>) -> Validation {
     let mut validation = Validation::new(algorithm);
     validation.leeway = LEEWAY_SECS;
+    validation.validate_nbf = true;
     validation.set_required_spec_claims(&["exp"]);
     match audience {
         Some(audience) => validation.set_audience(&[audience]),
@@ -47,10 +50,25 @@ pub fn rejection(err: &jsonwebtoken::errors::Error) -> AuthError {
     match err.kind() {
         ErrorKind::ExpiredSignature => AuthError::Expired,
         ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted"),
-        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ImmatureSignature => AuthError::Invalid(NOT_YET_VALID),
+        ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
         ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
         ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing exp claim"),
         _ => AuthError::Invalid("malformed token"),
+    }
+}
+
+/// The `nbf` rule of [`validation`] for a token read without verifying it, so that one not
+/// yet valid is refused before anyone is asked about it.
+///
+/// # Errors
+/// `Invalid` when `nbf` is more than the leeway ahead of `now` (seconds since the epoch).
+pub fn check_not_before(nbf: Option<i64>, now: i64) -> Result<(), AuthError> {
+    match nbf {
+        Some(nbf) if nbf > now.saturating_add(LEEWAY_SECS.cast_signed()) => {
+            Err(AuthError::Invalid(NOT_YET_VALID))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -71,7 +89,7 @@ impl Hs256 {
         }
     }
 
-    /// Checks signature, algorithm, `exp` and `aud`.
+    /// Checks signature, algorithm, `exp`, `nbf` and `aud`.
     ///
     /// # Errors
     /// `Expired` or `Invalid`.

@@ -3,6 +3,7 @@
 
 pub mod dev;
 pub mod jwt;
+mod lookups;
 mod supabase;
 
 use std::sync::Arc;
@@ -50,10 +51,6 @@ pub enum AuthError {
     Missing,
     #[error("invalid token: {0}")]
     Invalid(&'static str),
-    /// Well-formed, but not signed with our secret: in Supabase mode, Supabase may still
-    /// vouch for it.
-    #[error("invalid token: bad signature")]
-    BadSignature,
     #[error("token expired")]
     Expired,
     #[error("{0}")]
@@ -130,18 +127,15 @@ impl Auth {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token"))?;
-        let supabase = self.inner.supabase.as_ref();
         if header.alg == Algorithm::HS256
             && let Some(hs256) = &self.inner.hs256
         {
-            match hs256.verify(token) {
-                Ok(claims) => return identity(claims.sub, claims.role, claims.exp),
-                // A token our secret cannot check may still be Supabase's to vouch for.
-                Err(AuthError::BadSignature) if supabase.is_some() => {}
-                Err(err) => return Err(err),
-            }
+            // With a local secret, HS256 is decided here and never sent to Supabase, so a
+            // flood of forged tokens cannot become a flood of remote look-ups (SPEC §10).
+            let claims = hs256.verify(token)?;
+            return identity(claims.sub, claims.role, claims.exp);
         }
-        let Some(supabase) = supabase else {
+        let Some(supabase) = &self.inner.supabase else {
             return Err(AuthError::Invalid("algorithm not accepted"));
         };
         let verified = supabase.verify(token, &header).await?;
