@@ -46,7 +46,7 @@ export default defineConfig({
       LIVECREDITS_DATA_DIR: dataDir,
       LIVECREDITS_DEV_LOGIN: "1",
       JWT_SECRET: "e2e-secret-0123456789abcdefghijklmnopqrstuv",
-      SUPABASE_SERVICE_ROLE_KEY: "e2e-service-key",
+      SUPABASE_SERVICE_ROLE_KEY: "e2e-service-key-0123456789abcdefghijkl",
       LIVECREDITS_CLIMB_INTERVAL_MS: "1500",
       RUST_LOG: "warn",
     },

@@ -9,6 +9,27 @@ test("the start page is server-rendered and hydrates", async ({ page }) => {
   await expectHydrated(page);
 });
 
+test("the page hydrates under its Content-Security-Policy, with no violation", async ({ page }) => {
+  await page.addInitScript(() => {
+    const seen: string[] = [];
+    (window as unknown as { __cspViolations: string[] }).__cspViolations = seen;
+    document.addEventListener("securitypolicyviolation", (e) =>
+      seen.push(`${e.violatedDirective} ${e.blockedURI}`),
+    );
+  });
+  const response = await page.goto("/");
+  const policy = response?.headers()["content-security-policy"] ?? "";
+  expect(policy).toContain("frame-ancestors 'none'");
+  expect(policy).toMatch(/script-src [^;]*'nonce-[A-Za-z0-9_-]{16,}'/);
+  expect(policy).not.toContain("unsafe-inline");
+  expect(response?.headers()["x-content-type-options"]).toBe("nosniff");
+  await expectHydrated(page);
+  const violations = await page.evaluate(
+    () => (window as unknown as { __cspViolations: string[] }).__cspViolations,
+  );
+  expect(violations).toEqual([]);
+});
+
 test("navigation to /debug and /login happens in the client", async ({ page }) => {
   await page.goto("/");
   await expectHydrated(page);

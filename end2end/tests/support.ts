@@ -5,7 +5,7 @@ import { join, resolve } from "node:path";
 import { expect, type APIRequestContext, type Page } from "@playwright/test";
 
 /** The service credential the test server accepts (see playwright.config.ts). */
-export const SERVICE_KEY = "e2e-service-key";
+export const SERVICE_KEY = "e2e-service-key-0123456789abcdefghijkl";
 export const SECRET = "e2e-secret-0123456789abcdefghijklmnopqrstuv";
 const root = resolve(__dirname, "..", "..");
 

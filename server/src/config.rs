@@ -234,21 +234,15 @@ fn parse_site_addr(value: Option<&str>) -> Result<SocketAddr, ConfigError> {
 }
 
 /// `url` with the password of its user-info part, if any, replaced by `***`, for error
-/// messages and logs.
+/// messages and logs. Works on malformed URLs too (`postgres:/u:pw@h`): whatever stands
+/// between the first `:` after the scheme and the last `@` is hidden, at worst too much.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
+    let Some(at) = url[start..].rfind('@').map(|at| start + at) else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) => {
-            let user = user_info
-                .split_once(':')
-                .map_or(user_info, |(user, _)| user);
-            let hidden = if user_info.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{path}")
-        }
+    match url[start..at].find(':') {
+        Some(colon) => format!("{}:***{}", &url[..start + colon], &url[at..]),
         None => url.to_owned(),
     }
 }
@@ -273,7 +267,10 @@ fn parse_public_url(value: &str) -> Result<PublicUrl, ConfigError> {
         .ok_or_else(|| {
             invalid(
                 "LIVECREDITS_PUBLIC_URL",
-                format!("{value:?} is not an http(s) origin like https://app.example.com"),
+                format!(
+                    "{:?} is not an http(s) origin like https://app.example.com",
+                    redact(value)
+                ),
             )
         })
 }
@@ -336,7 +333,7 @@ fn parse_supabase_url(value: String) -> Result<String, ConfigError> {
         }
         _ => Err(invalid(
             "SUPABASE_URL",
-            format!("{value:?} is not an http(s) URL"),
+            format!("{:?} is not an http(s) URL", redact(&value)),
         )),
     }
 }
@@ -370,7 +367,10 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
             normalize_origin(origin).ok_or_else(|| {
                 invalid(
                     "CORS_ORIGINS",
-                    format!("{origin:?} is not an origin like https://app.example.com"),
+                    format!(
+                        "{:?} is not an origin like https://app.example.com",
+                        redact(origin)
+                    ),
                 )
             })
         })
@@ -577,6 +577,8 @@ mod tests {
         );
         assert_eq!(redact("redis://cache:6379"), "redis://cache:6379");
         assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(redact("u:hunter2@h/x"), "u:***@h/x");
+        assert_eq!(redact("postgres:/u:hunter2@h"), "postgres:***@h");
         let line = error_line(&[
             ("JWT_SECRET", SECRET),
             ("DATABASE_URL", "mysql://u:hunter2@h/x"),

@@ -32,8 +32,9 @@ async fn main() -> ExitCode {
         Err(err) => return fail(format_args!("cannot start: {err}")),
     };
     let addr = listener.local_addr().unwrap_or(addr);
+    let stop = shutdown::signal();
     tracing::info!("livecredits listening on http://{addr}");
-    server::run(state, listener, shutdown::signal()).await;
+    server::run(state, listener, stop).await;
     ExitCode::SUCCESS
 }
 

@@ -17,10 +17,7 @@
 
 use std::{future::Future, time::Duration};
 
-use tokio_util::{
-    sync::CancellationToken,
-    task::{TaskTracker, task_tracker::TrackedFuture},
-};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Longest a graceful stop may take before the process exits anyway (SPEC §5: 10 s, less a
 /// margin for the runtime to wind down).
@@ -63,10 +60,10 @@ impl Shutdown {
         self.tasks.spawn(task);
     }
 
-    /// Wraps `task` so that [`Shutdown::drain`] waits for it, for callers that spawn it
-    /// themselves.
-    pub fn track<F: Future>(&self, task: F) -> TrackedFuture<F> {
-        self.tasks.track_future(task)
+    /// The tracker alone, for a task spawned elsewhere (a WebSocket session, which axum
+    /// spawns) that [`Shutdown::drain`] must wait for; half the size of a `Shutdown` to keep.
+    pub fn tracker(&self) -> TaskTracker {
+        self.tasks.clone()
     }
 
     /// Waits for every tracked task to end, for at most [`GRACE`]. Returns whether they all
@@ -84,28 +81,33 @@ impl Shutdown {
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM, whichever comes first.
-pub async fn signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(%err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Completes on Ctrl-C or SIGTERM, whichever comes first. The handlers are installed when
+/// this is called, not when first polled: `main` calls it before announcing that it
+/// listens, so a SIGTERM sent the moment it is announced still stops the server gracefully
+/// instead of killing it.
+pub fn signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| {
+        let handler = signal(kind);
+        async move {
+            match handler {
+                Ok(mut handler) => {
+                    handler.recv().await;
+                }
+                Err(err) => {
+                    tracing::error!(%err, "cannot listen for {name}");
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let ctrl_c = listen(SignalKind::interrupt(), "Ctrl-C");
+    let terminate = listen(SignalKind::terminate(), "SIGTERM");
+    async move {
+        tokio::select! {
+            () = ctrl_c => {}
+            () = terminate => {}
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }

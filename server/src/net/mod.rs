@@ -52,17 +52,14 @@ pub async fn serve(listener: TcpListener, router: Router, capacity: usize, shutd
     }
 }
 
-/// Sends a connection that opens with a stream request to [`stream`], the rest to hyper,
-/// each in its own task so that neither carries the other's state. A connection that says
-/// nothing within [`HEAD_TIMEOUT`] is closed.
+/// Sends a connection that opens with a stream request to [`stream`], in a task of its own
+/// so that an idle stream does not carry hyper's state, and serves the rest with hyper. A
+/// connection that says nothing within [`HEAD_TIMEOUT`] is closed.
 async fn triage(conn: Conn, router: Router, shutdown: Shutdown) {
     let deadline = Instant::now() + HEAD_TIMEOUT;
     match stream::sniff(&conn, deadline).await {
         stream::Sniffed::Stream => shutdown.spawn(stream::serve(conn, router, deadline)),
-        stream::Sniffed::Other => {
-            let drain = shutdown.clone();
-            shutdown.spawn(serve_http(conn, router, deadline, drain));
-        }
+        stream::Sniffed::Other => serve_http(conn, router, deadline, shutdown).await,
         stream::Sniffed::Silent => {}
     }
 }

@@ -69,8 +69,8 @@ async fn upgrade(
                 subscription,
                 first,
             });
-            let shutdown = state.shutdown.clone();
-            upgrade.on_upgrade(move |socket| shutdown.track(Session::run(socket, *admitted)))
+            let tasks = state.shutdown.tracker();
+            upgrade.on_upgrade(move |socket| tasks.track_future(Session::run(socket, *admitted)))
         }
         Err((code, reason)) => upgrade.on_upgrade(move |socket| refuse(socket, code, reason)),
     }

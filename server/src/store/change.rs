@@ -38,7 +38,7 @@ impl NewChange {
         if self.amount.unsigned_abs() > MAX_CREDITS.unsigned_abs() {
             return Err(StoreError::OutOfRange {
                 field: "amount",
-                value: self.amount.to_string(),
+                value: requested_amount(self.amount),
             });
         }
         if !is_valid_type(&self.kind) {
@@ -56,13 +56,20 @@ impl NewChange {
                 format!("is {metadata_len} bytes of JSON, more than {MAX_METADATA_BYTES}"),
             ));
         }
-        if let Some(key) = &self.idempotency_key
-            && (key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_LEN)
-        {
-            return Err(StoreError::invalid(
-                "idempotency_key",
-                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
-            ));
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_LEN {
+                return Err(StoreError::invalid(
+                    "idempotency_key",
+                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+                ));
+            }
+            // Keys end up in logs and operators' terminals; NUL and newlines have no place there.
+            if key.chars().any(|c| c.is_ascii_control()) {
+                return Err(StoreError::invalid(
+                    "idempotency_key",
+                    "must not contain control characters (U+0000–U+001F, U+007F)",
+                ));
+            }
         }
         Ok(metadata)
     }
@@ -143,6 +150,16 @@ pub fn event(user_id: &str, row: Transaction) -> BalanceEvent {
     }
 }
 
+/// An out-of-range amount as the client is told it. Amounts past `i64` arrive saturated
+/// (see `app::wire`), so the two extremes stand for "this far or farther".
+fn requested_amount(amount: i64) -> String {
+    match amount {
+        i64::MAX => format!("at least {amount}"),
+        i64::MIN => format!("at most {amount}"),
+        _ => amount.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +210,9 @@ mod tests {
         assert!(matches!(c.validate(), Err(StoreError::OutOfRange { .. })));
         c = change(-MAX_CREDITS - 1);
         assert!(matches!(c.validate(), Err(StoreError::OutOfRange { .. })));
+        c = change(i64::MAX);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("at least 9223372036854775807"), "{err}");
         c = change(1);
         c.kind = "Bad".into();
         assert_eq!(field_of(c.validate().unwrap_err()), "type");
@@ -202,6 +222,18 @@ mod tests {
         c = change(1);
         c.idempotency_key = Some("k".repeat(129));
         assert_eq!(field_of(c.validate().unwrap_err()), "idempotency_key");
+        for key in ["a\0b", "line\n", "tab\t", "del\u{7f}", "\u{1f}"] {
+            c = change(1);
+            c.idempotency_key = Some(key.into());
+            assert_eq!(
+                field_of(c.validate().unwrap_err()),
+                "idempotency_key",
+                "{key:?}"
+            );
+        }
+        c = change(1);
+        c.idempotency_key = Some("order-42 é ✓".into());
+        assert!(c.validate().is_ok());
         c = change(1);
         c.metadata
             .insert("blob".into(), json!("x".repeat(MAX_METADATA_BYTES)));
