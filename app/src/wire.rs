@@ -2,13 +2,51 @@
 //! the browser, the CLI and the tests. Field names and tags here *are* the wire format.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de};
 
 /// A JSON object, as carried by a change's `metadata`.
 pub type Metadata = serde_json::Map<String, serde_json::Value>;
 
 /// The largest magnitude of a balance or amount: 2^53 − 1, so JavaScript reads it exactly.
 pub const MAX_CREDITS: i64 = 9_007_199_254_740_991;
+
+/// Reads a requested amount: any JSON integer, however long. One beyond `i64` saturates to
+/// `i64::MIN` or `i64::MAX` — still beyond [`MAX_CREDITS`] — so it is refused as
+/// `out_of_range` with every other too-large amount, not as an unreadable field. A number
+/// with a fraction is an error here (`invalid_field`).
+fn amount<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Amount;
+
+    impl de::Visitor<'_> for Amount {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+            Ok(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+
+        // serde_json reads integers past `u64` and `i64::MIN` as floats. Every float beyond
+        // 2^53 is a whole number, so only those saturate; nearer zero a float is a fraction
+        // or written like one (`5.0`).
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+            let max = MAX_CREDITS as f64; // 2^53 − 1: exact as an f64
+            match v {
+                v if v > max => Ok(i64::MAX),
+                v if v < -max => Ok(i64::MIN),
+                v => Err(E::invalid_type(de::Unexpected::Float(v), &self)),
+            }
+        }
+    }
+
+    deserializer.deserialize_i64(Amount)
+}
 
 /// A user's balance at one version. A user who never had a change has version 0 and no
 /// `updated_at`.
@@ -111,6 +149,7 @@ pub struct TransactionPage {
 #[serde(deny_unknown_fields)]
 pub struct ChangeRequest {
     pub user_id: String,
+    #[serde(deserialize_with = "amount")]
     pub amount: i64,
     #[serde(rename = "type")]
     pub kind: String,
@@ -124,6 +163,7 @@ pub struct ChangeRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevCreditRequest {
+    #[serde(deserialize_with = "amount")]
     pub amount: i64,
     #[serde(rename = "type")]
     pub kind: String,
@@ -195,6 +235,9 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     NotFound,
+    /// The path exists under `/api/` but not for this method; the `Allow` header lists the
+    /// methods it takes.
+    MethodNotAllowed,
     InsufficientCredits,
     IdempotencyConflict,
     PayloadTooLarge,
@@ -211,6 +254,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::InsufficientCredits | Self::IdempotencyConflict => 409,
             Self::PayloadTooLarge => 413,
             Self::InvalidField | Self::OutOfRange => 422,
@@ -436,6 +480,34 @@ mod tests {
         assert!(serde_json::from_value::<ChangeRequest>(unknown).is_err());
     }
 
+    /// Requested amounts past `i64` saturate, so validation sees them out of range; a
+    /// fraction or a string does not read as an amount.
+    #[test]
+    fn amounts_beyond_i64_saturate() {
+        let amount_of = |amount: &str| {
+            let body = format!(r#"{{"amount":{amount},"type":"grant"}}"#);
+            serde_json::from_str::<DevCreditRequest>(&body).map(|request| request.amount)
+        };
+        for (text, amount) in [
+            ("-9007199254740991", -MAX_CREDITS),
+            ("9223372036854775807", i64::MAX),
+            ("9223372036854775808", i64::MAX),
+            ("18446744073709551616", i64::MAX),
+            ("1234567890123456789012345678901", i64::MAX),
+            ("1e30", i64::MAX),
+            ("-9223372036854775809", i64::MIN),
+            ("-1234567890123456789012345678901", i64::MIN),
+        ] {
+            assert_eq!(amount_of(text).expect(text), amount, "{text}");
+        }
+        for text in ["1.5", "-0.5", "5.0", "9007199254740991.0", "\"1\"", "null"] {
+            assert!(amount_of(text).is_err(), "{text}");
+        }
+        let change = r#"{"user_id":"u","amount":18446744073709551616,"type":"grant"}"#;
+        let request: ChangeRequest = serde_json::from_str(change).expect("reads");
+        assert_eq!(request.amount, i64::MAX);
+    }
+
     /// Dev sign-in request and response keep their field names.
     #[test]
     fn dev_login() {
@@ -480,6 +552,7 @@ mod tests {
             (ErrorCode::Unauthorized, "unauthorized", 401),
             (ErrorCode::Forbidden, "forbidden", 403),
             (ErrorCode::NotFound, "not_found", 404),
+            (ErrorCode::MethodNotAllowed, "method_not_allowed", 405),
             (ErrorCode::InsufficientCredits, "insufficient_credits", 409),
             (ErrorCode::IdempotencyConflict, "idempotency_conflict", 409),
             (ErrorCode::PayloadTooLarge, "payload_too_large", 413),

@@ -1,15 +1,16 @@
 //! The API's one error type: every failure under `/api/` becomes an `app::wire::ApiError`
-//! JSON body with the status from `ErrorCode::status`. Also the JSON and query extractors
-//! whose rejections take the same shape.
+//! JSON body with the status from `ErrorCode::status`. Also the one reader of JSON objects,
+//! used by every body extractor and the WebSocket frame parser, and the query extractor.
 
 use app::wire::{self, ErrorCode};
 use axum::{
     Json,
+    body::Bytes,
     extract::{
         FromRequest, FromRequestParts, Query, Request,
         rejection::{JsonRejection, QueryRejection},
     },
-    http::{StatusCode, request::Parts},
+    http::{HeaderMap, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
 use serde::de::DeserializeOwned;
@@ -102,8 +103,37 @@ impl From<Refused> for ApiError {
     }
 }
 
-/// `Json` whose rejections are `ApiError`s: malformed JSON is 400 `bad_json`, a well-formed
-/// body with wrong fields is 422 `invalid_field`, an oversized body is 413.
+/// Reads `bytes` as one JSON object into `T`: the only reader of client JSON, for request
+/// bodies ([`AppJson`]) and WebSocket frames alike.
+///
+/// # Errors
+/// `bad_json` for malformed JSON or any document other than an object (serde alone would
+/// read a struct from an array); `invalid_field` naming the field for an object that does
+/// not fit `T`.
+pub fn from_json_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // A valid JSON document whose first byte after whitespace is `{` can only be an object,
+    // so one byte decides it without parsing twice.
+    let first = bytes
+        .iter()
+        .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(ApiError::new(ErrorCode::BadJson, "expected a JSON object"));
+    }
+    match Json::<T>::from_bytes(bytes) {
+        Ok(Json(value)) => Ok(value),
+        Err(JsonRejection::JsonDataError(err)) => Err(ApiError::new(
+            ErrorCode::InvalidField,
+            err.body_text()
+                .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+                .to_owned(),
+        )),
+        Err(err) => Err(ApiError::new(ErrorCode::BadJson, err.body_text())),
+    }
+}
+
+/// A JSON body whose rejections are `ApiError`s: a body without a JSON content type,
+/// malformed or not an object is 400 `bad_json`, an object with wrong fields is 422
+/// `invalid_field`, an oversized body is 413.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AppJson<T>(pub T);
 
@@ -111,27 +141,41 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(JsonRejection::JsonDataError(err)) => Err(ApiError::new(
-                ErrorCode::InvalidField,
-                err.body_text()
-                    .trim_start_matches(
-                        "Failed to deserialize the JSON body into the target type: ",
-                    )
-                    .to_owned(),
-            )),
-            Err(JsonRejection::BytesRejection(err))
-                if err.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Err(ApiError::new(
+        if !has_json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                ErrorCode::BadJson,
+                "expected `Content-Type: application/json`",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|err| {
+            if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
                     ErrorCode::PayloadTooLarge,
                     format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
-                ))
+                )
+            } else {
+                ApiError::new(ErrorCode::BadJson, err.body_text())
             }
-            Err(err) => Err(ApiError::new(ErrorCode::BadJson, err.body_text())),
-        }
+        })?;
+        from_json_object(&bytes).map(Self)
     }
+}
+
+/// `application/json` or any `application/*+json`, parameters aside: what axum's `Json`
+/// accepts.
+fn has_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.to_ascii_lowercase();
+    kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
 }
 
 /// `Query` whose rejections are 422 `invalid_field`.
@@ -159,4 +203,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for AppQuery<T> {
 /// The answer for any `/api/` path that no route matches.
 pub async fn api_not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such API endpoint")
+}
+
+/// The answer for an API path asked with a method it does not take; axum adds the `Allow`
+/// header.
+pub async fn api_method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not take this method; see the Allow header",
+    )
 }

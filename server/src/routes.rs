@@ -15,7 +15,11 @@ use tower_http::{
 };
 use tracing::Span;
 
-use crate::{AppState, api, error::ApiError, health, metrics, pages, realtime, security};
+use crate::{
+    AppState, api,
+    error::{self, ApiError},
+    health, metrics, pages, realtime, security,
+};
 
 /// The whole application: API, health, the Leptos pages and static files.
 pub fn router(state: AppState) -> Router {
@@ -30,11 +34,16 @@ pub fn router(state: AppState) -> Router {
             pages::with_page_context,
         ))
         .layer(middleware::from_fn(security::page_headers));
+    // Applied to the API and realtime routes together so a wrong method on any of them,
+    // `/api/credits/sse` included, answers an `ApiError` rather than an empty 405.
+    let api_routes = Router::new()
+        .merge(realtime::router())
+        .merge(api::router(state.config.dev_login))
+        .method_not_allowed_fallback(error::api_method_not_allowed);
     let router = Router::new()
         .merge(health::router())
         .merge(metrics::router())
-        .merge(realtime::router())
-        .merge(api::router(state.config.dev_login))
+        .merge(api_routes)
         .merge(site)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -3,7 +3,10 @@
 
 mod common;
 
-use axum::{body::Body, http::Request};
+use axum::{
+    body::Body,
+    http::{Method, Request},
+};
 use common::{
     Answer, SECRET, SERVICE_KEY, TestDb, change, config, get, now_plus, post, send, service_jwt,
     sign, state, user_token,
@@ -248,7 +251,7 @@ async fn change_refusals() {
             "beyond i64",
             r#"{"user_id":"alice","amount":99999999999999999999,"type":"grant"}"#.into(),
             422,
-            "invalid_field",
+            "out_of_range",
         ),
         ("zero", change("alice", 0, "grant"), 422, "invalid_field"),
         (
@@ -518,7 +521,13 @@ async fn dev_sign_in_and_own_credits() {
 #[tokio::test]
 async fn dev_routes_are_404_outside_dev_mode() {
     let (_db, state) = sqlite_state(&[]).await;
-    for uri in ["/api/dev/login", "/api/dev/credits", "/api/nothing-here"] {
+    for uri in [
+        "/api/dev/login",
+        "/api/dev/credits",
+        "/api/nothing-here",
+        "/api/",
+        "/api",
+    ] {
         let answer = send(&state, post(uri, None, json!({"user_id": "x"}).to_string())).await;
         assert_eq!(
             (answer.status, answer.error_code().as_str()),
@@ -604,4 +613,132 @@ async fn tokens_not_yet_valid_are_refused() {
     );
     let skewed = send(&state, get("/api/credits/balance", Some(&token(2)))).await;
     assert_eq!(skewed.status, 200);
+}
+
+/// The balance and version of `user`, read over the API.
+async fn balance_of(state: &AppState, user: &str) -> (Option<i64>, Option<i64>) {
+    let body = send(state, get("/api/credits/balance", Some(&user_token(user))))
+        .await
+        .json();
+    (body["balance"].as_i64(), body["version"].as_i64())
+}
+
+/// Amounts too big even for i64 are `out_of_range` on both change endpoints, like any beyond
+/// ±(2^53 − 1); a fraction or a string stays `invalid_field`; none changes anything.
+#[tokio::test]
+async fn amounts_beyond_i64_are_out_of_range() {
+    let (_db, state) = sqlite_state(&[("LIVECREDITS_DEV_LOGIN", "1")]).await;
+    let alice = user_token("alice");
+    let huge = [
+        "9223372036854775808",
+        "18446744073709551616",
+        "1234567890123456789012345678901",
+        "-9223372036854775809",
+        "-18446744073709551616",
+        "-1234567890123456789012345678901",
+    ];
+    let cases = huge.iter().map(|amount| (amount, "out_of_range")).chain(
+        [
+            ("1.5", "invalid_field"),
+            ("-0.5", "invalid_field"),
+            ("\"1\"", "invalid_field"),
+        ]
+        .iter()
+        .map(|(a, c)| (a, *c)),
+    );
+    for (amount, code) in cases {
+        let service = format!(r#"{{"user_id":"alice","amount":{amount},"type":"grant"}}"#);
+        let own = format!(r#"{{"amount":{amount},"type":"grant"}}"#);
+        let answers = [
+            ("changes", apply(&state, service).await),
+            (
+                "dev",
+                send(&state, post("/api/dev/credits", Some(&alice), own)).await,
+            ),
+        ];
+        for (route, answer) in answers {
+            assert_eq!(
+                (answer.status, answer.error_code().as_str()),
+                (422, code),
+                "{route} {amount}"
+            );
+            let message = answer.json()["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(message.starts_with("amount"), "{route} {amount}: {message}");
+        }
+    }
+    assert_eq!(balance_of(&state, "alice").await, (Some(0), Some(0)));
+}
+
+/// Valid JSON that is not an object is `bad_json` on every JSON endpoint and applies nothing:
+/// serde alone reads `["alice", 5, "grant"]` as a change and `[token]` as a sign-in.
+#[tokio::test]
+async fn non_object_bodies_are_bad_json() {
+    let (_db, state) = sqlite_state(&[("LIVECREDITS_DEV_LOGIN", "1")]).await;
+    let alice = user_token("alice");
+    let cases = [
+        (
+            "/api/credits/changes",
+            Some(SERVICE_KEY),
+            r#"["alice", 5, "grant"]"#.to_owned(),
+        ),
+        (
+            "/api/dev/credits",
+            Some(alice.as_str()),
+            r#"[5, "grant"]"#.to_owned(),
+        ),
+        ("/api/dev/login", None, r#"["alice"]"#.to_owned()),
+        ("/api/session", None, json!([alice]).to_string()),
+    ];
+    for (uri, bearer, array) in &cases {
+        for body in [array.as_str(), r#""alice""#, "5", "null", "true", " \n[]"] {
+            let answer = send(&state, post(uri, *bearer, body.to_owned())).await;
+            assert_eq!(
+                (answer.status, answer.error_code().as_str()),
+                (400, "bad_json"),
+                "{uri} {body}"
+            );
+            assert!(answer.headers.get("set-cookie").is_none(), "{uri} {body}");
+        }
+    }
+    assert_eq!(balance_of(&state, "alice").await, (Some(0), Some(0)));
+
+    let padded = format!(" \r\n\t{}", change("alice", 5, "grant"));
+    assert_eq!(apply(&state, padded).await.status, 201);
+}
+
+/// A wrong method on an API path is a 405 `ApiError` that keeps axum's `Allow` header.
+#[tokio::test]
+async fn wrong_method_is_405_api_error() {
+    let (_db, state) = sqlite_state(&[]).await;
+    let cases = [
+        (Method::DELETE, "/api/credits/balance", "GET"),
+        (Method::PUT, "/api/credits/changes", "POST"),
+        (Method::GET, "/api/credits/changes", "POST"),
+        (Method::POST, "/api/credits/transactions", "GET"),
+        (Method::POST, "/api/credits/sse", "GET"),
+        (Method::DELETE, "/api/credits/balance/poll", "GET"),
+        (Method::PATCH, "/api/session", "DELETE"),
+    ];
+    for (method, uri, allowed) in cases {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .header("authorization", format!("Bearer {SERVICE_KEY}"))
+            .body(Body::empty())
+            .expect("request");
+        let answer = send(&state, request).await;
+        assert_eq!(
+            (answer.status, answer.error_code().as_str()),
+            (405, "method_not_allowed"),
+            "{method} {uri}"
+        );
+        let allow = answer.headers.get("allow").and_then(|v| v.to_str().ok());
+        assert!(
+            allow.is_some_and(|allow| allow.split(',').any(|m| m.trim() == allowed)),
+            "{method} {uri}: Allow {allow:?}"
+        );
+    }
 }

@@ -295,3 +295,23 @@ async fn metrics_count_delivery() {
         );
     }
 }
+
+/// Frames must be JSON objects: `["ping"]`, which serde alone reads as a ping, gets an error
+/// frame and no pong; `{"type":"ping"}` still gets its pong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_object_frames_are_errors() {
+    let (_db, server) = server(&[]).await;
+    let mut ws = ws_connect(&server, &user_token("lee")).await;
+    next_json(&mut ws).await;
+    for bad in [r#"["ping"]"#, r#""ping""#, "null"] {
+        send_text(&mut ws, bad).await;
+        let error = next_json(&mut ws).await;
+        assert_eq!(
+            (error["type"].as_str(), error["error"].as_str()),
+            (Some("error"), Some("bad_json")),
+            "{bad}"
+        );
+    }
+    send_text(&mut ws, r#" {"type":"ping"}"#).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "pong"}));
+}

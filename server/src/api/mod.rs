@@ -21,6 +21,9 @@ pub fn router(dev_login: bool) -> Router<AppState> {
     } else {
         api
     };
-    api.route("/api/{*rest}", any(error::api_not_found))
+    // The wildcard needs a segment, so the bare prefix is listed too.
+    api.route("/api", any(error::api_not_found))
+        .route("/api/", any(error::api_not_found))
+        .route("/api/{*rest}", any(error::api_not_found))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
 }

@@ -25,6 +25,7 @@ use super::{
 use crate::{
     AppState,
     auth::{AuthUser, TokenSource},
+    error::from_json_object,
     metrics::Metrics,
 };
 
@@ -247,7 +248,7 @@ impl Session {
     /// Handles one client frame; returns how the session ends, if it must.
     async fn answer(&mut self, message: Message) -> Option<End> {
         let reply = match message {
-            Message::Text(text) if serde_json::from_str::<WsClientMsg>(&text).is_ok() => {
+            Message::Text(text) if from_json_object::<WsClientMsg>(text.as_bytes()).is_ok() => {
                 WsServerMsg::Pong { tag: PongTag::Pong }
             }
             Message::Text(_) | Message::Binary(_) => {
