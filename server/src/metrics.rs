@@ -42,6 +42,8 @@ struct Inner {
     delay: Histogram,
     refusals: Family<ReasonLabel, Counter>,
     redis_reconnects: Counter,
+    publishes_failed: Counter,
+    heals_published: Counter,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,18 @@ impl Default for Metrics {
             "Successful (re)connections of the Redis subscriber",
             redis_reconnects.clone(),
         );
+        let publishes_failed = Counter::default();
+        registry.register(
+            "publishes_failed",
+            "Committed changes that could not be published to Redis, healed later",
+            publishes_failed.clone(),
+        );
+        let heals_published = Counter::default();
+        registry.register(
+            "heals_published",
+            "Snapshots published to Redis to heal changes whose publish failed",
+            heals_published.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -93,6 +107,8 @@ impl Default for Metrics {
                 delay,
                 refusals,
                 redis_reconnects,
+                publishes_failed,
+                heals_published,
             }),
         }
     }
@@ -151,6 +167,14 @@ impl Metrics {
 
     pub fn redis_reconnected(&self) {
         self.inner.redis_reconnects.inc();
+    }
+
+    pub fn publishes_failed(&self, events: usize) {
+        self.inner.publishes_failed.inc_by(events as u64);
+    }
+
+    pub fn heals_published(&self, snapshots: usize) {
+        self.inner.heals_published.inc_by(snapshots as u64);
     }
 
     fn render(&self) -> String {

@@ -1,6 +1,6 @@
 //! The state every handler shares: cheap to clone, one `Arc` or pool handle per part.
 
-use std::{ops::Deref, sync::Arc};
+use std::{ops::Deref, sync::Arc, time::Duration};
 
 use axum::extract::FromRef;
 use leptos::config::LeptosOptions;
@@ -40,6 +40,8 @@ pub struct Shared {
 
 /// Committed changes that may wait for the bus before commits wait too.
 const COMMITS_CAPACITY: usize = 4096;
+/// Longest start-up waits for Redis before taking traffic degraded.
+const REDIS_START_WAIT: Duration = Duration::from_secs(2);
 
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,9 @@ impl AppState {
             }
         };
         bus.publish_commits(committed);
+        // Changes made before the link is up would reach the other instances only when
+        // healed; a moment's wait makes the first ones as prompt as the rest.
+        bus.wait_until_live(REDIS_START_WAIT).await;
         let max_connections = config
             .max_connections
             .unwrap_or_else(net::connection_capacity);

@@ -26,7 +26,8 @@ struct Pair {
     a: ServerProcess,
     b: ServerProcess,
     http: reqwest::Client,
-    _dirs: [tempfile::TempDir; 2],
+    vars: Vec<(&'static str, String)>,
+    dirs: [tempfile::TempDir; 2],
 }
 
 impl Pair {
@@ -36,23 +37,29 @@ impl Pair {
             server::config::DatabaseUrl::Sqlite(_) => unreachable!("PostgreSQL"),
         };
         let prefix = format!("test-{}", uuid::Uuid::now_v7().simple());
-        let vars = [
-            ("JWT_SECRET", common::SECRET),
-            ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY),
-            ("DATABASE_URL", database.as_str()),
-            ("REDIS_URL", redis),
-            ("REDIS_CHANNEL_PREFIX", prefix.as_str()),
+        let vars = vec![
+            ("JWT_SECRET", common::SECRET.to_owned()),
+            ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()),
+            ("DATABASE_URL", database),
+            ("REDIS_URL", redis.to_owned()),
+            ("REDIS_CHANNEL_PREFIX", prefix),
         ];
         let dirs = [
             tempfile::tempdir().expect("dir"),
             tempfile::tempdir().expect("dir"),
         ];
         Self {
-            a: ServerProcess::start(dirs[0].path(), &vars),
-            b: ServerProcess::start(dirs[1].path(), &vars),
+            a: start_instance(&vars, &dirs[0]),
+            b: start_instance(&vars, &dirs[1]),
             http: reqwest::Client::new(),
-            _dirs: dirs,
+            vars,
+            dirs,
         }
+    }
+
+    /// Starts one more instance with the same settings; returns once it says it listens.
+    fn start_another(&self) -> ServerProcess {
+        start_instance(&self.vars, &self.dirs[1])
     }
 
     async fn change(&self, via: &ServerProcess, user: &str, amount: i64) -> Value {
@@ -96,6 +103,11 @@ impl Pair {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+fn start_instance(vars: &[(&str, String)], dir: &tempfile::TempDir) -> ServerProcess {
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    ServerProcess::start(dir.path(), &vars)
 }
 
 async fn ws(instance: &ServerProcess, user: &str) -> Ws {
@@ -283,6 +295,14 @@ impl OwnRedis {
                 "",
                 "--appendonly",
                 "no",
+                // `cli` signs in as this user, so it works whatever a test does to `default`.
+                "--user",
+                "admin",
+                "on",
+                ">admin",
+                "+@all",
+                "~*",
+                "&*",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -294,6 +314,24 @@ impl OwnRedis {
             std::thread::sleep(Duration::from_millis(20));
         }
         Self { port, child }
+    }
+
+    /// Runs one `redis-cli` command against this server; an error reply fails the test.
+    fn cli(&self, args: &[&str]) {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(["--user", "admin", "--pass", "admin", "--no-auth-warning"])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        let reply = String::from_utf8_lossy(&output.stdout);
+        let error = ["ERR", "NOAUTH", "NOPERM", "WRONGTYPE"]
+            .iter()
+            .any(|code| reply.starts_with(code));
+        assert!(
+            output.status.success() && !error,
+            "redis-cli {args:?}: {reply}"
+        );
     }
 
     fn stop(mut self) -> u16 {
@@ -315,11 +353,7 @@ impl Drop for OwnRedis {
 /// balance they missed within 10 s and receive new changes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_degrades_then_heals() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let redis = OwnRedis::start(port);
     let db = TestDb::postgres().await;
     let pair = Pair::start(&db, &format!("redis://127.0.0.1:{port}"));
@@ -366,11 +400,7 @@ async fn redis_outage_degrades_then_heals() {
 /// `degraded` with the reason, and becomes ready once Redis answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_degraded_without_redis() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("dir");
     let database = format!("sqlite://{}/db.sqlite", dir.path().display());
     let redis = format!("redis://127.0.0.1:{port}");
@@ -404,7 +434,7 @@ async fn starts_degraded_without_redis() {
         .await
         .expect("balance");
     assert_eq!(balance.status(), 200, "serves while degraded");
-    // The start-up warning comes after a second without Redis.
+    // Redis comes up only after the instance has been retrying for a while.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let _redis = OwnRedis::start(port);
@@ -422,4 +452,130 @@ async fn starts_degraded_without_redis() {
         logs.contains("Redis unreachable"),
         "a log line says why: {logs}"
     );
+}
+
+/// A change made through an instance within 50 ms of it announcing that it listens reaches
+/// a client of that user on the other instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_right_after_start_up_reaches_the_other_instance() {
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &redis_url());
+    pair.both_become("ready", Duration::from_secs(10)).await;
+    let mut on_a = ws(&pair.a, "frank").await;
+    next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+
+    let starting = pair.start_another();
+    let listening = Instant::now();
+    let change = pair.change(&starting, "frank", 9);
+    assert!(listening.elapsed() < Duration::from_millis(50));
+    change.await;
+    let event = next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("the change reaches A");
+    assert_eq!(
+        (event["balance"].as_i64(), event["version"].as_i64()),
+        (Some(9), Some(1))
+    );
+}
+
+/// A change whose publish timed out (Redis paused writes) and was then refused reaches the
+/// other instance's client within 10 s of Redis accepting publishes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_publish_heals_when_redis_answers() {
+    // The refusal makes the PUBLISH held by the pause fail when it finally runs, instead of
+    // arriving late and healing the client by itself.
+    let fault = Fault {
+        before_change: &[&["CLIENT", "PAUSE", "30000", "WRITE"]],
+        b_during: "ready",
+        after_change: &[
+            &["ACL", "SETUSER", "default", "-publish"],
+            &["CLIENT", "UNPAUSE"],
+        ],
+        repair: &[&["ACL", "SETUSER", "default", "+publish"]],
+    };
+    fault.heals("gina").await;
+}
+
+/// A change made while the publishing connections were down and the subscribers stayed up
+/// reaches the other instance's client within 10 s of Redis taking connections again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_skipped_while_the_publisher_was_down_heals() {
+    // Connections already signed in survive `off`; new ones are refused, so the publishers
+    // (the `normal` clients; subscribers are `pubsub`) stay down once killed.
+    let fault = Fault {
+        before_change: &[
+            &["ACL", "SETUSER", "default", "off"],
+            &["CLIENT", "KILL", "TYPE", "normal"],
+        ],
+        // Until fred notices, a publish would wait in its buffer and be sent on reconnection.
+        b_during: "degraded",
+        after_change: &[],
+        repair: &[&["ACL", "SETUSER", "default", "on"]],
+    };
+    fault.heals("hugo").await;
+}
+
+/// `redis-cli` commands that make publishing fail around a change, and those that repair it.
+struct Fault {
+    before_change: &'static [&'static [&'static str]],
+    /// B's readiness once `before_change` took effect; the change waits for it.
+    b_during: &'static str,
+    after_change: &'static [&'static [&'static str]],
+    repair: &'static [&'static [&'static str]],
+}
+
+impl Fault {
+    /// Makes a change through B under this fault, checks that A's client does not get it,
+    /// then repairs Redis and expects the change on A within 10 s.
+    async fn heals(&self, user: &str) {
+        let redis = OwnRedis::start(free_port());
+        let db = TestDb::postgres().await;
+        let pair = Pair::start(&db, &format!("redis://127.0.0.1:{}", redis.port));
+        pair.both_become("ready", Duration::from_secs(10)).await;
+        let mut on_a = ws(&pair.a, user).await;
+        next_event(&mut on_a, Duration::from_secs(5))
+            .await
+            .expect("snapshot");
+
+        let run = |commands: &[&[&str]]| commands.iter().for_each(|args| redis.cli(args));
+        run(self.before_change);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pair.readiness(&pair.b).await != self.b_during {
+            assert!(
+                Instant::now() < deadline,
+                "B never became {}",
+                self.b_during
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pair.change(&pair.b, user, 7).await;
+        // Longer than B's publish timeout (500 ms).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        run(self.after_change);
+        assert!(
+            next_event(&mut on_a, Duration::from_millis(500))
+                .await
+                .is_none(),
+            "the fault kept the change from A"
+        );
+        run(self.repair);
+        let healed = next_event(&mut on_a, Duration::from_secs(10))
+            .await
+            .expect("A heals within 10 s of Redis answering");
+        assert_eq!(
+            (healed["balance"].as_i64(), healed["version"].as_i64()),
+            (Some(7), Some(1))
+        );
+    }
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port()
 }

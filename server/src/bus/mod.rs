@@ -4,11 +4,15 @@
 //! instance's hub gets the event first and directly, so its own clients see their changes
 //! whatever happens to the link between instances; with Redis configured the event is also
 //! published to the other instances, whose hubs drop anything not newer than what each
-//! connection already has. Transports only ever talk to the hub.
+//! connection already has. Nothing is dropped silently: a change whose publish fails (Redis
+//! down, error, timeout) is remembered by user, and that user's snapshot is published once
+//! Redis answers, so the other instances' clients catch up within seconds (`redis`).
+//! Transports only ever talk to the hub.
 
 mod redis;
+mod unpublished;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use app::wire::BalanceEvent;
 use tokio::sync::mpsc;
@@ -44,7 +48,8 @@ impl Bus {
     }
 
     /// A bus that also links this instance to the others through Redis. Connecting happens
-    /// in the background; until it succeeds the instance is degraded, not down.
+    /// in the background; until it succeeds and the subscription is live the instance is
+    /// degraded, not down.
     ///
     /// # Errors
     /// When the Redis URL cannot be parsed.
@@ -88,6 +93,15 @@ impl Bus {
             .collect();
         if let Some(redis) = &self.redis {
             redis.publish(&updates).await;
+        }
+    }
+
+    /// Waits up to `limit` for the link to the other instances to be live; at once without
+    /// Redis. Start-up calls it before taking traffic; past `limit` the instance serves
+    /// degraded and the link keeps retrying.
+    pub async fn wait_until_live(&self, limit: Duration) {
+        if let Some(redis) = &self.redis {
+            redis.wait_until_live(limit).await;
         }
     }
 

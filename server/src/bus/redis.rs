@@ -1,27 +1,37 @@
 //! The Redis backend of the bus (`REDIS_URL` set): each committed change is published once on
 //! `{prefix}:balance`; one subscriber connection per instance feeds the hub.
 //!
-//! Both connections reconnect with exponential backoff for ever. While either is down the
-//! instance is *degraded*: changes still commit and reach this instance's own clients, but
-//! not the others'. On every (re)subscription the snapshots of every user connected here are
-//! re-read in batches and handed to the hub, so nobody stays stale after an outage.
+//! Both connections reconnect with exponential backoff for ever. Until both are up and the
+//! subscription is live the instance is *degraded*: changes still commit and reach this
+//! instance's own clients. Both directions heal: on every (re)subscription the snapshots of
+//! every user connected here are re-read in batches and handed to the hub; a change whose
+//! publish failed is remembered and its user's snapshot published once Redis answers again
+//! (`unpublished`).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use app::wire::BalanceEvent;
 use fred::prelude::{
     Builder, Client, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy,
 };
 use serde::Deserialize;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::unpublished::Unpublished;
 use crate::{
     metrics::Metrics,
     realtime::{Update, hub::Hub},
     store::Store,
 };
 
-/// Longest a publish may delay a change's answer; after it the event is only local.
+/// Longest a publish may take; after it the change counts as unpublished and is healed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 /// Reconnect backoff: from 100 ms, doubling, up to 5 s.
 const BACKOFF_MIN_MS: u32 = 100;
@@ -33,11 +43,22 @@ const MESSAGE_BACKLOG: usize = 4096;
 const RESYNC_BATCH: usize = 500;
 
 /// What travels on the channel: the event and the instance that published it, so an
-/// instance can skip its own publications (it delivered them locally already).
+/// instance can skip its own publications (it delivered them locally already). Without an
+/// event it asks every other instance to resync everyone it serves: its sender lost track
+/// of some unpublished changes (see [`super::unpublished::MAX_USERS`]).
 #[derive(Deserialize)]
 struct Envelope {
     origin: String,
-    event: BalanceEvent,
+    event: Option<BalanceEvent>,
+}
+
+/// Why a publish did not reach Redis.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PublishError {
+    #[error("not connected")]
+    NotConnected,
+    #[error(transparent)]
+    Redis(#[from] fred::error::Error),
 }
 
 /// Where to connect and which channel to use.
@@ -52,8 +73,14 @@ pub struct RedisLink {
     publisher: Client,
     /// A connection of its own: a subscribed connection can do nothing else.
     subscriber: Client,
+    /// Whether the subscriber's current connection is subscribed: set once SUBSCRIBE
+    /// succeeds, cleared as soon as that connection drops or is replaced.
+    subscribed: AtomicBool,
+    /// Changes the other instances may have missed, and their heal.
+    unpublished: Unpublished,
     channel: String,
     origin: String,
+    metrics: Metrics,
 }
 
 impl RedisLink {
@@ -93,60 +120,103 @@ impl RedisLink {
         let link = Arc::new(Self {
             publisher: builder.build()?,
             subscriber: builder.build()?,
+            subscribed: AtomicBool::new(false),
+            unpublished: Unpublished::new(metrics.clone()),
             channel: format!("{}:balance", settings.channel_prefix),
             origin: uuid::Uuid::now_v7().to_string(),
+            metrics,
         });
         // Take the event receivers before connecting so the first connection is seen too.
         let reconnects = link.subscriber.reconnect_rx();
-        let messages = link.subscriber.message_rx();
         let errors = link.subscriber.error_rx();
+        let messages = link.subscriber.message_rx();
         link.publisher.connect();
         link.subscriber.connect();
-        tokio::spawn(Arc::clone(&link).resubscribe_on_reconnect(
+        tokio::spawn(Arc::clone(&link).follow_subscriber(
             reconnects,
+            errors,
             hub.clone(),
             store.clone(),
-            metrics,
             shutdown.clone(),
         ));
-        tokio::spawn(Arc::clone(&link).forward(messages, hub, store, shutdown.clone()));
-        tokio::spawn(log_errors(errors, shutdown));
-        tokio::spawn(Arc::clone(&link).report_unreachable_start());
+        tokio::spawn(Arc::clone(&link).forward(messages, hub, store.clone(), shutdown.clone()));
+        let healer = Arc::clone(&link);
+        tokio::spawn(async move { healer.unpublished.heal(&healer, &store, &shutdown).await });
         Ok(link)
     }
 
     /// Publishes committed changes to the other instances, in order, in one round trip.
-    /// Failures only degrade delivery: the changes are committed and were delivered locally;
-    /// the next resync heals the rest.
+    /// Changes that cannot be published (not connected, error, timeout) are remembered, and
+    /// their users' snapshots published once Redis answers again.
     pub async fn publish(&self, updates: &[Arc<Update>]) {
-        if !self.publisher.is_connected() {
+        let Err(err) = self.send(updates.iter().map(Arc::as_ref)).await else {
             return;
+        };
+        match err {
+            PublishError::NotConnected => tracing::debug!("Redis down: publish deferred"),
+            PublishError::Redis(err) => tracing::warn!(
+                %err,
+                "publish to Redis failed; the other instances get these balances once it answers"
+            ),
         }
-        let pipeline = self.publisher.pipeline();
-        for update in updates {
-            let payload = format!(
+        self.unpublished
+            .note(updates.iter().map(|update| &update.event));
+    }
+
+    /// Publishes `updates` in one round trip.
+    pub(super) async fn send(
+        &self,
+        updates: impl Iterator<Item = &Update>,
+    ) -> Result<(), PublishError> {
+        let envelopes = updates.map(|update| {
+            format!(
                 r#"{{"origin":"{}","event":{}}}"#,
                 self.origin,
                 update.json.as_str()
-            );
-            // Only queues the command; `all` sends them.
-            if let Err(err) = pipeline
-                .publish::<(), _, _>(self.channel.as_str(), payload)
-                .await
-            {
-                tracing::warn!(%err, "cannot queue a publish to Redis");
-                return;
-            }
-        }
-        if let Err(err) = pipeline.all::<Vec<i64>>().await {
-            tracing::warn!(%err, "publish to Redis failed; the changes reached local clients only");
-        }
+            )
+        });
+        self.send_envelopes(envelopes).await
     }
 
-    /// Says once, clearly, when Redis is not there at start-up: the instance serves anyway.
-    async fn report_unreachable_start(self: Arc<Self>) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if !self.is_healthy() {
+    /// Asks every other instance to resync everyone it serves.
+    pub(super) async fn send_resync(&self) -> Result<(), PublishError> {
+        let envelope = format!(r#"{{"origin":"{}"}}"#, self.origin);
+        self.send_envelopes(std::iter::once(envelope)).await
+    }
+
+    async fn send_envelopes(
+        &self,
+        envelopes: impl Iterator<Item = String>,
+    ) -> Result<(), PublishError> {
+        if !self.can_publish() {
+            return Err(PublishError::NotConnected);
+        }
+        let pipeline = self.publisher.pipeline();
+        for envelope in envelopes {
+            // Only queues the command; `all` sends them.
+            pipeline
+                .publish::<(), _, _>(self.channel.as_str(), envelope)
+                .await?;
+        }
+        pipeline.all::<Vec<i64>>().await?;
+        Ok(())
+    }
+
+    /// Whether the publishing connection is up.
+    pub(super) fn can_publish(&self) -> bool {
+        self.publisher.is_connected()
+    }
+
+    /// Waits up to `limit` for both connections and the subscription, so changes made as
+    /// soon as the instance takes traffic reach the others at once. Says clearly when Redis
+    /// is not there: the instance then serves degraded and keeps retrying.
+    pub async fn wait_until_live(&self, limit: Duration) {
+        let live = tokio::time::timeout(limit, async {
+            while !self.is_healthy() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        if live.await.is_err() {
             tracing::warn!(
                 "Redis unreachable at start-up: serving degraded (changes reach this instance's \
                  clients only) and retrying until it answers"
@@ -156,41 +226,57 @@ impl RedisLink {
 
     /// Whether cross-instance delivery works right now.
     pub fn is_healthy(&self) -> bool {
-        self.publisher.is_connected() && self.subscriber.is_connected()
+        self.can_publish()
+            && self.subscriber.is_connected()
+            && self.subscribed.load(Ordering::Acquire)
     }
 
-    /// On every (re)connection: subscribe, then heal everyone connected here.
-    async fn resubscribe_on_reconnect(
+    /// Follows the subscriber: a dropped connection is logged and unsubscribes; every
+    /// (re)connection subscribes, then heals everyone connected here.
+    async fn follow_subscriber(
         self: Arc<Self>,
-        mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+        mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+        mut errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
         hub: Hub,
         store: Store,
-        metrics: Metrics,
         shutdown: CancellationToken,
     ) {
         loop {
             tokio::select! {
+                // fred reports a drop before the reconnection that follows it; taking errors
+                // first keeps an old drop from clearing a newer subscription.
+                biased;
+                () = shutdown.cancelled() => return,
+                error = errors.recv() => match error {
+                    Ok((err, _)) => {
+                        self.subscribed.store(false, Ordering::Release);
+                        tracing::warn!(%err, "Redis unreachable: cross-instance delivery degraded, retrying");
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
                 next = reconnects.recv() => {
-                    if matches!(next, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    if matches!(next, Err(broadcast::error::RecvError::Closed)) {
                         return;
                     }
+                    self.subscribed.store(false, Ordering::Release);
+                    self.metrics.redis_reconnected();
+                    if let Err(err) = self.subscriber.subscribe(self.channel.as_str()).await {
+                        tracing::warn!(%err, "cannot subscribe to Redis; retrying on the next reconnect");
+                        continue;
+                    }
+                    self.subscribed.store(true, Ordering::Release);
+                    tracing::info!(channel = %self.channel, "subscribed to Redis");
+                    resync(&hub, &store).await;
                 }
-                () = shutdown.cancelled() => return,
             }
-            metrics.redis_reconnected();
-            if let Err(err) = self.subscriber.subscribe(self.channel.as_str()).await {
-                tracing::warn!(%err, "cannot subscribe to Redis; retrying on the next reconnect");
-                continue;
-            }
-            tracing::info!(channel = %self.channel, "subscribed to Redis");
-            resync(&hub, &store).await;
         }
     }
 
     /// Hands every other instance's publications to the local hub.
     async fn forward(
         self: Arc<Self>,
-        mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+        mut messages: broadcast::Receiver<fred::types::Message>,
         hub: Hub,
         store: Store,
         shutdown: CancellationToken,
@@ -203,21 +289,22 @@ impl RedisLink {
             let message = match message {
                 Ok(message) => message,
                 // Missed messages are healed like an outage: balances are absolute.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "fell behind the bus; resyncing connected users");
                     resync(&hub, &store).await;
                     continue;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Closed) => return,
             };
             let Some(text) = message.value.as_bytes() else {
                 continue;
             };
             match serde_json::from_slice::<Envelope>(text) {
-                Ok(envelope) if envelope.origin != self.origin => {
-                    hub.deliver(Arc::new(Update::new(envelope.event)));
-                }
-                Ok(_) => {}
+                Ok(envelope) if envelope.origin == self.origin => {}
+                Ok(Envelope {
+                    event: Some(event), ..
+                }) => hub.deliver(Arc::new(Update::new(event))),
+                Ok(Envelope { event: None, .. }) => resync(&hub, &store).await,
                 Err(err) => tracing::warn!(%err, "ignoring a malformed message on the bus"),
             }
         }
@@ -236,25 +323,6 @@ async fn resync(hub: &Hub, store: &Store) {
                 }
             }
             Err(err) => tracing::warn!(%err, "resync failed"),
-        }
-    }
-}
-
-async fn log_errors(
-    mut errors: tokio::sync::broadcast::Receiver<(
-        fred::error::Error,
-        Option<fred::types::config::Server>,
-    )>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            error = errors.recv() => match error {
-                Ok((err, _)) => tracing::warn!(%err, "Redis unreachable: cross-instance delivery degraded, retrying"),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-            () = shutdown.cancelled() => return,
         }
     }
 }

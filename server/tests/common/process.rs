@@ -159,3 +159,12 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
     }
 }
+
+impl ServerProcess {
+    /// Ends the process as a crash would: SIGKILL (what [`Child::kill`] sends on Unix), so no
+    /// shutdown code runs, then reaps it. Returns its exit status.
+    pub fn kill_hard(&mut self) -> ExitStatus {
+        self.child.kill().expect("SIGKILL is sent");
+        self.child.wait().expect("the killed process is reaped")
+    }
+}
