@@ -213,3 +213,79 @@ pub async fn api_method_not_allowed() -> ApiError {
         "this endpoint does not take this method; see the Allow header",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use app::wire::{ChangeRequest, MAX_CREDITS, WsClientMsg};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::store::NewChange;
+
+    /// Change bodies and WebSocket frames as a fuzzer would send them: arbitrary bytes, and
+    /// JSON objects with arbitrary values for the known fields.
+    fn json_ish() -> impl Strategy<Value = Vec<u8>> {
+        let value = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[0-9]{1,40}",
+            "-?[0-9]{1,20}\\.[0-9]{1,5}",
+            "\"[ -~]{0,40}\"",
+            Just("null".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+        ];
+        let field = prop_oneof![
+            Just("user_id".to_owned()),
+            Just("amount".to_owned()),
+            Just("type".to_owned()),
+            Just("metadata".to_owned()),
+            Just("idempotency_key".to_owned()),
+            "[a-z_]{1,10}",
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            proptest::collection::vec((field, value), 0..8).prop_map(|fields| {
+                let body: Vec<String> = fields
+                    .iter()
+                    .map(|(name, value)| format!("\"{name}\":{value}"))
+                    .collect();
+                format!("{{{}}}", body.join(",")).into_bytes()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 2_000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Whatever a client sends as a change body, the reader and the change's validation
+        /// answer without panicking, and nothing out of range is ever accepted.
+        #[test]
+        fn change_bodies_never_panic(bytes in json_ish()) {
+            if let Ok(request) = from_json_object::<ChangeRequest>(&bytes) {
+                let change = NewChange {
+                    user_id: request.user_id,
+                    amount: request.amount,
+                    kind: request.kind,
+                    metadata: request.metadata.unwrap_or_default(),
+                    idempotency_key: request.idempotency_key,
+                };
+                if change.validate().is_ok() {
+                    prop_assert!(change.amount != 0 && change.amount.abs() <= MAX_CREDITS);
+                }
+            }
+        }
+
+        /// Whatever a client sends as a WebSocket frame, the reader answers without
+        /// panicking, and only a JSON object can be a message.
+        #[test]
+        fn websocket_frames_never_panic(bytes in json_ish()) {
+            if from_json_object::<WsClientMsg>(&bytes).is_ok() {
+                prop_assert_eq!(bytes.iter().find(|b| !b.is_ascii_whitespace()), Some(&b'{'));
+            }
+        }
+    }
+}

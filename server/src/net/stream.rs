@@ -104,16 +104,22 @@ async fn read_request(conn: &mut Conn) -> Result<Request<Body>, StatusCode> {
                 StatusCode::BAD_REQUEST
             });
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => return to_request(&parsed),
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-            }
-            Err(_) => return Err(StatusCode::BAD_REQUEST),
+        if let Some(request) = parse_head(&head)? {
+            return Ok(request);
         }
+    }
+}
+
+/// Parses a request head read so far: `None` while it is incomplete. Never panics,
+/// whatever the bytes (the property tests below feed it arbitrary input).
+fn parse_head(head: &[u8]) -> Result<Option<Request<Body>>, StatusCode> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => to_request(&parsed).map(Some),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(_) => Err(StatusCode::BAD_REQUEST),
     }
 }
 
@@ -211,5 +217,46 @@ mod tests {
         assert!(!opens_stream(b"GET /api/credits/s"));
         assert!(!opens_stream(b"GET /api/credits/sse"));
         assert!(!opens_stream(b""));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2_000,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Any bytes at all get an answer from the head parser, never a panic.
+        #[test]
+        fn head_parser_takes_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let _ = parse_head(&bytes);
+        }
+
+        /// A stream request with arbitrary header fields is parsed or refused as a client
+        /// error, never panics; a complete head without a body always yields the path sent.
+        #[test]
+        fn head_parser_takes_any_fields(
+            query in "[ -~]{0,64}",
+            fields in proptest::collection::vec(
+                ("[!-~]{0,24}", proptest::collection::vec(proptest::num::u8::ANY, 0..64)),
+                0..8,
+            ),
+        ) {
+            let mut head = format!("GET /api/credits/sse?{query} HTTP/1.1\r\n").into_bytes();
+            for (name, value) in &fields {
+                head.extend_from_slice(name.as_bytes());
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(value);
+                head.extend_from_slice(b"\r\n");
+            }
+            head.extend_from_slice(b"\r\n");
+            match parse_head(&head) {
+                Ok(Some(request)) => {
+                    proptest::prop_assert!(request.uri().path() == "/api/credits/sse");
+                }
+                Ok(None) => {}
+                Err(status) => proptest::prop_assert!(status.is_client_error()),
+            }
+        }
     }
 }
