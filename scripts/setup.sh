@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 readonly CARGO_LEPTOS_VERSION=0.3.10
+readonly CARGO_DENY_VERSION=0.20.2
 # Installing tools needs no fat LTO; this halves cargo-leptos's build time here.
 export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 export CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS=fallback
@@ -23,6 +24,11 @@ fi
 if [[ "$(cargo leptos --version 2>/dev/null)" != *" $CARGO_LEPTOS_VERSION" ]]; then
   step "installing cargo-leptos $CARGO_LEPTOS_VERSION (about 10 minutes, once)"
   cargo install cargo-leptos --locked --version "$CARGO_LEPTOS_VERSION"
+fi
+
+if [[ "$(cargo deny --version 2>/dev/null)" != *" $CARGO_DENY_VERSION" ]]; then
+  step "installing cargo-deny $CARGO_DENY_VERSION for the supply-chain checks (about 8 minutes, once)"
+  cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION"
 fi
 
 # cargo-leptos downloads wasm-bindgen from GitHub unless one is on PATH, and the CLI must

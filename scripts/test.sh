@@ -24,6 +24,7 @@ check() {
 }
 
 check "cargo fmt --check" cargo fmt --all -- --check
+check "cargo deny (advisories, licenses, bans, sources)" scripts/supply-chain.sh
 # The server and browser builds are checked apart, each with its real features: in one
 # --workspace build cargo would unify app's `ssr` and `hydrate` into a mix neither ships.
 check "cargo clippy (server)" cargo clippy --workspace --exclude frontend --all-targets --locked -- -D warnings
