@@ -50,6 +50,7 @@ pub async fn run(state: AppState, listener: TcpListener, signal: impl Future<Out
         state.max_connections,
         shutdown.clone(),
     );
+    // The signal drops the accept loop, and with it the listener: no new connections.
     tokio::select! {
         () = accepting => {}
         () = signal => {}
