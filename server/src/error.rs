@@ -15,7 +15,11 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::{auth::AuthError, realtime::hub::Refused, store::StoreError};
+use crate::{
+    auth::AuthError,
+    realtime::hub::{OpenError, Refused},
+    store::StoreError,
+};
 
 /// Largest accepted request body (SPEC §4).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -100,6 +104,16 @@ impl From<Refused> for ApiError {
             Refused::Closed => ErrorCode::Unavailable,
         };
         Self::new(code, refused.to_string())
+    }
+}
+
+/// As its cause would be.
+impl From<OpenError> for ApiError {
+    fn from(err: OpenError) -> Self {
+        match err {
+            OpenError::Refused(refused) => refused.into(),
+            OpenError::Store(err) => err.into(),
+        }
     }
 }
 

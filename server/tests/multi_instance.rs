@@ -17,6 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The `/metrics` line of an instance holding exactly one long-poll.
+const HELD_POLL: &str = r#"livecredits_connections{transport="poll"} 1"#;
+
 fn redis_url() -> String {
     std::env::var("LIVECREDITS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -86,6 +89,18 @@ impl Pair {
             .await
             .expect("JSON");
         body["status"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// `instance`'s `/metrics` text.
+    async fn metrics(&self, instance: &ServerProcess) -> String {
+        self.http
+            .get(format!("http://{}/metrics", instance.addr))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
     }
 
     /// Waits until both instances report `status`.
@@ -197,22 +212,34 @@ async fn changes_reach_clients_on_the_other_instance() {
             pair.b.addr
         );
         tokio::spawn(async move {
-            http.get(url)
+            let response = http
+                .get(url)
                 .bearer_auth(user_token("alice"))
                 .send()
                 .await
-                .expect("poll")
-                .json::<Value>()
-                .await
-                .expect("JSON")
+                .expect("poll");
+            let answered = Instant::now();
+            (answered, response.json::<Value>().await.expect("JSON"))
         })
     };
+    // B holds the poll: it counts it as open, and 200 ms later has still not answered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pair.metrics(&pair.b).await.lines().any(|l| l == HELD_POLL) {
+        assert!(Instant::now() < deadline, "B never held the poll");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !poll.is_finished(),
+        "the poll was answered before any change"
+    );
+    let changed = Instant::now();
     pair.change(&pair.a, "alice", 1).await;
-    let woke = tokio::time::timeout(Duration::from_secs(1), poll)
+    let (answered, woke) = tokio::time::timeout(Duration::from_secs(1), poll)
         .await
         .expect("poll wakes")
         .expect("poller");
+    assert!(answered >= changed, "answered only after the change");
     assert_eq!(woke["version"], 2);
 
     for i in 0..20 {
@@ -448,9 +475,11 @@ async fn starts_degraded_without_redis() {
     }
     server.terminate();
     let (_, logs) = server.wait(Duration::from_secs(10));
+    // The start-up warning itself: the subscriber's retry warnings also say "Redis
+    // unreachable", so those words alone would pass without it.
     assert!(
-        logs.contains("Redis unreachable"),
-        "a log line says why: {logs}"
+        logs.contains("Redis unreachable at start-up: serving degraded"),
+        "a start-up log line says why: {logs}"
     );
 }
 

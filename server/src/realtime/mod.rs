@@ -1,10 +1,12 @@
-//! Live delivery (SPEC §5): the per-instance [`hub`] and three thin transports over it —
-//! [`ws`], [`sse`] and long-polling in [`poll`]. Transports subscribe to the hub, send the
+//! Live delivery (SPEC §5): the per-instance [`hub`], each connection's in-order
+//! [`subscription`], and three thin transports over them — [`ws`], [`sse`] and long-polling
+//! in [`poll`]. Transports open a subscription with its snapshot through the hub, send the
 //! snapshot, then encode each newer event; they never touch the bus or each other.
 
 pub mod hub;
 mod poll;
 mod sse;
+pub mod subscription;
 mod ws;
 
 use std::time::Duration;

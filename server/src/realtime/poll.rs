@@ -65,13 +65,13 @@ async fn hold(
     version: u64,
     wait: Duration,
 ) -> Result<BalanceSnapshot, ApiError> {
-    // Subscribe before reading the snapshot so no change falls between them.
-    let mut subscription = state.hub.subscribe(user_id, Transport::Poll)?;
-    let snapshot = state.store.snapshot(user_id).await?;
+    let (mut subscription, snapshot) = state
+        .hub
+        .open(&state.store, user_id, Transport::Poll)
+        .await?;
     if u64::try_from(snapshot.version) != Ok(version) {
         return Ok(snapshot);
     }
-    subscription.sent(snapshot.version);
     // `next` also returns `None` when the server shuts down: answer with the snapshot.
     let woken_by = tokio::select! {
         update = subscription.next() => update,

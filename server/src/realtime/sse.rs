@@ -18,11 +18,7 @@ use axum::{
 use futures::Stream;
 use tokio::time::sleep_until;
 
-use super::{
-    Update,
-    hub::{Subscription, Transport},
-    instant_of,
-};
+use super::{Update, hub::Transport, instant_of, subscription::Subscription};
 use crate::{AppState, auth::AuthUser, error::ApiError};
 
 /// How long a browser waits before reconnecting a dropped stream.
@@ -38,14 +34,14 @@ async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = caller.user;
-    // Subscribe before reading the snapshot so no change falls between them.
-    let mut subscription = state.hub.subscribe(&user.user_id, Transport::Sse)?;
-    let snapshot = state.store.snapshot(&user.user_id).await?;
+    let (subscription, snapshot) = state
+        .hub
+        .open(&state.store, &user.user_id, Transport::Sse)
+        .await?;
     let resumed_at = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i64>().ok());
-    subscription.sent(snapshot.version);
     let first = (resumed_at != Some(snapshot.version))
         .then(|| balance_frame(&Update::new(BalanceEvent::snapshot(snapshot))));
 

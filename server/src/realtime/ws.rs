@@ -16,11 +16,11 @@ use axum::{
 };
 use tokio::time::{Instant, sleep_until};
 
-use super::RealtimeConfig;
 use super::{
-    Update,
-    hub::{Refused, Subscription, Transport},
+    RealtimeConfig, Update,
+    hub::{OpenError, Refused, Transport},
     instant_of, origin_allowed,
+    subscription::Subscription,
 };
 use crate::{
     AppState,
@@ -95,20 +95,20 @@ async fn admit(
         state.metrics.refused("forbidden_origin");
         return Err((close::FORBIDDEN_ORIGIN, "origin not allowed".into()));
     }
-    let user_id = &caller.user.user_id;
-    let mut subscription =
-        state
-            .hub
-            .subscribe(user_id, Transport::WebSocket)
-            .map_err(|refused| match refused {
-                Refused::TooMany { .. } => (close::TOO_MANY_CONNECTIONS, refused.to_string()),
-                Refused::Closed => (close::RESTARTING, refused.to_string()),
-            })?;
-    let snapshot = state.store.snapshot(user_id).await.map_err(|err| {
-        tracing::warn!(%err, "no snapshot for a new WebSocket");
-        (close::TRY_AGAIN_LATER, "ledger unavailable".to_owned())
+    let opened = state
+        .hub
+        .open(&state.store, &caller.user.user_id, Transport::WebSocket)
+        .await;
+    let (subscription, snapshot) = opened.map_err(|err| match err {
+        OpenError::Refused(refused @ Refused::TooMany { .. }) => {
+            (close::TOO_MANY_CONNECTIONS, refused.to_string())
+        }
+        OpenError::Refused(refused @ Refused::Closed) => (close::RESTARTING, refused.to_string()),
+        OpenError::Store(err) => {
+            tracing::warn!(%err, "no snapshot for a new WebSocket");
+            (close::TRY_AGAIN_LATER, "ledger unavailable".to_owned())
+        }
     })?;
-    subscription.sent(snapshot.version);
     Ok((
         subscription,
         Update::new(BalanceEvent::snapshot(snapshot)).json,
