@@ -50,11 +50,13 @@ pub(super) trait LedgerTx: Send {
     ) -> impl Future<Output = Result<Vec<KeyedRow>, sqlx::Error>> + Send;
 
     /// Appends the rows and moves the accounts to their new balances and versions, all
-    /// stamped `at`.
+    /// stamped `at`; removes the `abandoned` accounts, which the lock step created for
+    /// changes that were all refused.
     fn append(
         &mut self,
         entries: &[Entry<'_>],
         accounts: &[AccountState<'_>],
+        abandoned: &[&str],
         at: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
@@ -166,7 +168,15 @@ pub(super) async fn apply(
             }
         })
         .collect();
-    tx.append(&entries, &states, at).await?;
+    // A refused change leaves no trace: not even the empty account the lock step created
+    // for a user whose changes in this batch were all refused.
+    let mut abandoned: Vec<&str> = accounts
+        .iter()
+        .filter(|(_, (_, version))| *version == 0)
+        .map(|(user_id, _)| user_id.as_str())
+        .collect();
+    abandoned.sort_unstable();
+    tx.append(&entries, &states, &abandoned, at).await?;
     tx.commit().await?;
     Ok(outcomes)
 }

@@ -133,6 +133,7 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
         &mut self,
         entries: &[Entry<'_>],
         accounts: &[AccountState<'_>],
+        abandoned: &[&str],
         at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -140,7 +141,9 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
                  INSERT INTO credit_transactions \
                  (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, created_at) \
                  SELECT *, $9 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], \
-                     $5::text[], $6::text[], $7::int8[], $8::int8[])) \
+                     $5::text[], $6::text[], $7::int8[], $8::int8[])), \
+             abandoned AS ( \
+                 DELETE FROM credit_accounts WHERE version = 0 AND user_id = ANY($13::text[])) \
              UPDATE credit_accounts AS a SET balance = s.balance, version = s.version, updated_at = $9 \
              FROM UNNEST($10::text[], $11::int8[], $12::int8[]) AS s(user_id, balance, version) \
              WHERE a.user_id = s.user_id",
@@ -157,6 +160,7 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
         .bind(accounts.iter().map(|a| a.user_id).collect::<Vec<_>>())
         .bind(accounts.iter().map(|a| a.balance).collect::<Vec<_>>())
         .bind(accounts.iter().map(|a| a.version).collect::<Vec<_>>())
+        .bind(abandoned)
         .execute(&mut **self)
         .await?;
         Ok(())

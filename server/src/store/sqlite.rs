@@ -159,6 +159,7 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         &mut self,
         entries: &[Entry<'_>],
         accounts: &[AccountState<'_>],
+        abandoned: &[&str],
         at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         let rows: Vec<_> = entries
@@ -197,6 +198,18 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         .bind(at)
         .execute(&mut **self)
         .await?;
+        // A statement of its own, and only when needed (rare): sqlx fills a statement's
+        // unused lower-numbered parameters from the arguments in turn, so a third statement
+        // would never see a fourth argument.
+        if !abandoned.is_empty() {
+            sqlx::query(
+                "DELETE FROM credit_accounts \
+                 WHERE version = 0 AND user_id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(json(abandoned)?)
+            .execute(&mut **self)
+            .await?;
+        }
         Ok(())
     }
 
