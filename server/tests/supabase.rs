@@ -424,3 +424,37 @@ async fn not_yet_valid_tokens_are_refused() {
     vouch(&fake, &skewed, "remote-user");
     assert_eq!(balance_status(&state, &skewed).await.0, 200);
 }
+
+/// The built server process, asked 50 times at once for one junk token, costs Supabase one
+/// look-up; with Supabase answering 429 it answers 503, again for one look-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_process_never_amplifies_supabase() {
+    let (fake, url) = start_fake(fixture_keys()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let server = common::process::ServerProcess::start(
+        dir.path(),
+        &[
+            ("SUPABASE_URL", url.as_str()),
+            ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY),
+            ("DATABASE_URL", &database),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let balance_url = format!("http://{}/api/credits/balance", server.addr);
+    let ask = |token: String| {
+        let request = http.get(&balance_url).bearer_auth(token);
+        async move { request.send().await.expect("answers").status().as_u16() }
+    };
+
+    let junk = foreign(json!({"sub": "nobody", "exp": now_plus(600)}));
+    let statuses = join_all((0..50).map(|_| ask(junk.clone()))).await;
+    assert!(statuses.iter().all(|&status| status == 401), "{statuses:?}");
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 1);
+
+    fake.outage.store(429, Ordering::SeqCst);
+    let other = foreign(json!({"sub": "somebody", "exp": now_plus(600)}));
+    let statuses = join_all((0..50).map(|_| ask(other.clone()))).await;
+    assert!(statuses.iter().all(|&status| status == 503), "{statuses:?}");
+    assert_eq!(fake.user_hits.load(Ordering::SeqCst), 2);
+}
