@@ -280,13 +280,7 @@ mod tests {
         #[test]
         fn change_bodies_never_panic(bytes in json_ish()) {
             if let Ok(request) = from_json_object::<ChangeRequest>(&bytes) {
-                let change = NewChange {
-                    user_id: request.user_id,
-                    amount: request.amount,
-                    kind: request.kind,
-                    metadata: request.metadata.unwrap_or_default(),
-                    idempotency_key: request.idempotency_key,
-                };
+                let change = NewChange::from(request);
                 if change.validate().is_ok() {
                     prop_assert!(change.amount != 0 && change.amount.abs() <= MAX_CREDITS);
                 }

@@ -453,15 +453,7 @@ async fn control_characters_in_idempotency_keys_are_refused() {
         let message = body["message"].as_str().expect("a message");
         assert!(message.contains("idempotency_key"), "{key:?}: {message}");
     }
-    let balance: Value = http
-        .get(url(&server, "/api/credits/balance"))
-        .bearer_auth(user_token("alice"))
-        .send()
-        .await
-        .expect("balance")
-        .json()
-        .await
-        .expect("JSON");
+    let balance = common::balance_over_http(&http, &server.addr, "alice").await;
     assert_eq!(
         (balance["balance"].as_i64(), balance["version"].as_i64()),
         (Some(0), Some(0))

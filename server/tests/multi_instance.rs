@@ -290,16 +290,7 @@ async fn concurrent_changes_through_both_instances() {
             "versions only increase"
         );
     }
-    let balance: Value = pair
-        .http
-        .get(format!("http://{}/api/credits/balance", pair.b.addr))
-        .bearer_auth(user_token("bob"))
-        .send()
-        .await
-        .expect("balance")
-        .json()
-        .await
-        .expect("JSON");
+    let balance = common::balance_over_http(&pair.http, &pair.b.addr, "bob").await;
     assert_eq!(balance["balance"], (1..=400).sum::<i64>());
     assert_eq!(balance["version"], 400);
 }

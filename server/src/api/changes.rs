@@ -28,14 +28,7 @@ async fn create(
     _service: ServiceCaller,
     AppJson(request): AppJson<ChangeRequest>,
 ) -> Result<Response, ApiError> {
-    let change = NewChange {
-        user_id: request.user_id,
-        amount: request.amount,
-        kind: request.kind,
-        metadata: request.metadata.unwrap_or_default(),
-        idempotency_key: request.idempotency_key,
-    };
-    apply(&state, &change).await
+    apply(&state, &NewChange::from(request)).await
 }
 
 /// Applies `change` and answers: 201 with the event for a new change (the store hands it to

@@ -1,7 +1,9 @@
 //! A requested change and the rules it must pass before and inside the database transaction:
 //! field validation, the balance arithmetic, and idempotent replay.
 
-use app::wire::{BalanceEvent, BalanceTag, Change, MAX_CREDITS, Metadata, Transaction};
+use app::wire::{
+    BalanceEvent, BalanceTag, Change, ChangeRequest, MAX_CREDITS, Metadata, Transaction,
+};
 
 use super::StoreError;
 
@@ -22,6 +24,18 @@ pub struct NewChange {
     pub kind: String,
     pub metadata: Metadata,
     pub idempotency_key: Option<String>,
+}
+
+impl From<ChangeRequest> for NewChange {
+    fn from(request: ChangeRequest) -> Self {
+        Self {
+            user_id: request.user_id,
+            amount: request.amount,
+            kind: request.kind,
+            metadata: request.metadata.unwrap_or_default(),
+            idempotency_key: request.idempotency_key,
+        }
+    }
 }
 
 impl NewChange {

@@ -150,6 +150,18 @@ pub fn user_token(user: &str) -> String {
     )
 }
 
+/// `user`'s balance snapshot as the server at `addr` answers it over HTTP.
+pub async fn balance_over_http(http: &reqwest::Client, addr: &str, user: &str) -> Value {
+    http.get(format!("http://{addr}/api/credits/balance"))
+        .bearer_auth(user_token(user))
+        .send()
+        .await
+        .expect("balance")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 /// A legacy Supabase-style service-role JWT (no `sub`) under the test secret.
 pub fn service_jwt() -> String {
     sign(
