@@ -286,6 +286,20 @@ pub enum ErrorTag {
     Error,
 }
 
+/// See [`PongTag`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthOkTag {
+    AuthOk,
+}
+
+/// See [`PongTag`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthExpiringTag {
+    AuthExpiring,
+}
+
 /// A frame the server sends on `/ws`; every variant carries its own `type` field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -301,13 +315,30 @@ pub enum WsServerMsg {
         error: ErrorCode,
         message: String,
     },
+    /// The token sent in a [`WsClientMsg::Auth`] now authenticates the connection.
+    AuthOk {
+        #[serde(rename = "type")]
+        tag: AuthOkTag,
+        expires_at: DateTime<Utc>,
+    },
+    /// Sent once per credential, a minute before it expires (or at half its lifetime if
+    /// that is shorter): send a fresh token with [`WsClientMsg::Auth`] before `expires_at`.
+    AuthExpiring {
+        #[serde(rename = "type")]
+        tag: AuthExpiringTag,
+        expires_at: DateTime<Utc>,
+    },
 }
 
-/// A frame a client may send on `/ws`; fields beyond `type` are ignored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A frame a client may send on `/ws`; fields beyond those named are ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WsClientMsg {
     Ping,
+    /// Replaces the connection's credential with a fresh token for the same user (SPEC §11).
+    Auth {
+        token: String,
+    },
 }
 
 /// How live connections end (SPEC §5): WebSocket close codes and SSE terminal events, each
@@ -325,6 +356,9 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// The page's origin may not use the session cookie: do not retry from this origin.
     pub const FORBIDDEN_ORIGIN: u16 = 4003;
+    /// A token sent in-band belongs to another user or to a service: do not retry with it;
+    /// reconnect with a token for the intended user.
+    pub const FORBIDDEN_CREDENTIAL: u16 = 4003;
     /// The user (or instance) has too many connections: back off before retrying.
     pub const TOO_MANY_CONNECTIONS: u16 = 4029;
     /// SSE event sent just before the stream ends because the token expired, with data
@@ -594,15 +628,39 @@ mod tests {
                 "updated_at": null, "change": null
             }),
         );
+        let at: DateTime<Utc> = "2026-12-02T08:00:00Z".parse().expect("RFC 3339");
+        round_trip(
+            WsServerMsg::AuthOk {
+                tag: AuthOkTag::AuthOk,
+                expires_at: at,
+            },
+            json!({"type": "auth_ok", "expires_at": "2026-12-02T08:00:00Z"}),
+        );
+        round_trip(
+            WsServerMsg::AuthExpiring {
+                tag: AuthExpiringTag::AuthExpiring,
+                expires_at: at,
+            },
+            json!({"type": "auth_expiring", "expires_at": "2026-12-02T08:00:00Z"}),
+        );
         let unknown = json!({"type": "nonsense"});
         assert!(serde_json::from_value::<WsServerMsg>(unknown).is_err());
     }
 
-    /// Clients may only send `ping`; anything else fails to parse.
+    /// Clients may only send `ping` and `auth` with a token; anything else fails to parse.
     #[test]
     fn ws_client_frames() {
         round_trip(WsClientMsg::Ping, json!({"type": "ping"}));
-        for bad in [json!({"type": "pong"}), json!({"kind": "ping"}), json!(1)] {
+        round_trip(
+            WsClientMsg::Auth { token: "t".into() },
+            json!({"type": "auth", "token": "t"}),
+        );
+        for bad in [
+            json!({"type": "pong"}),
+            json!({"kind": "ping"}),
+            json!({"type": "auth"}),
+            json!(1),
+        ] {
             assert!(serde_json::from_value::<WsClientMsg>(bad).is_err());
         }
     }

@@ -320,3 +320,143 @@ async fn non_object_frames_are_errors() {
     send_text(&mut ws, r#" {"type":"ping"}"#).await;
     assert_eq!(next_json(&mut ws).await, json!({"type": "pong"}));
 }
+
+/// An HS256 token for `sub` that expires at `exp` (Unix seconds), under the test secret.
+fn token_until(sub: &str, exp: i64) -> String {
+    sign(
+        json!({"sub": sub, "exp": exp, "role": "authenticated"}),
+        Algorithm::HS256,
+        &EncodingKey::from_secret(common::SECRET.as_bytes()),
+    )
+}
+
+/// Milliseconds from Unix-seconds `exp` to now (negative before it).
+fn ms_after(exp: i64) -> i64 {
+    chrono::Utc::now().timestamp_millis() - exp * 1000
+}
+
+/// The next frame other than an `auth_expiring` warning, which short-lived tokens may race.
+async fn next_json_unwarned(ws: &mut common::live::Ws) -> serde_json::Value {
+    loop {
+        let frame = next_json(ws).await;
+        if frame["type"] != "auth_expiring" {
+            return frame;
+        }
+    }
+}
+
+/// The `expires_at` of a frame as Unix seconds.
+fn expires_at(frame: &serde_json::Value) -> i64 {
+    let at = frame["expires_at"].as_str().expect("expires_at");
+    chrono::DateTime::parse_from_rfc3339(at)
+        .expect("RFC 3339")
+        .timestamp()
+}
+
+/// A same-user `auth` frame is answered `auth_ok` with the new expiry, and the connection
+/// outlives the old token: no 4001 at its `exp`, and a later change still arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_band_refresh_extends_the_connection() {
+    let (_db, server) = server(&[]).await;
+    let old_exp = now_plus(2);
+    let mut ws = ws_connect(&server, &token_until("mia", old_exp)).await;
+    next_json(&mut ws).await;
+    let new_exp = now_plus(3600);
+    let refresh = json!({"type": "auth", "token": token_until("mia", new_exp)});
+    send_text(&mut ws, &refresh.to_string()).await;
+    let ok = next_json_unwarned(&mut ws).await;
+    assert_eq!(ok["type"], "auth_ok");
+    assert_eq!(expires_at(&ok), new_exp);
+
+    tokio::time::sleep(Duration::from_millis(
+        u64::try_from(1500 - ms_after(old_exp)).unwrap_or(0),
+    ))
+    .await;
+    server.change("mia", 9).await;
+    let event = next_json_unwarned(&mut ws).await;
+    assert_eq!(
+        (event["balance"].as_i64(), event["version"].as_i64()),
+        (Some(9), Some(1))
+    );
+    send_text(&mut ws, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_json_unwarned(&mut ws).await, json!({"type": "pong"}));
+}
+
+/// Another user's token, or a service credential, gets a `forbidden` error frame, then 4003.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_band_token_of_another_principal_closes_4003() {
+    let (_db, server) = server(&[]).await;
+    for other in [user_token("ned"), common::SERVICE_KEY.to_owned()] {
+        let mut ws = ws_connect(&server, &user_token("nia")).await;
+        next_json(&mut ws).await;
+        send_text(
+            &mut ws,
+            &json!({"type": "auth", "token": other}).to_string(),
+        )
+        .await;
+        let error = next_json(&mut ws).await;
+        assert_eq!(
+            (error["type"].as_str(), error["error"].as_str()),
+            (Some("error"), Some("forbidden"))
+        );
+        assert_eq!(close_code(&mut ws).await, Some(close::FORBIDDEN_CREDENTIAL));
+    }
+}
+
+/// Invalid tokens get `unauthorized` error frames without counting as bad frames; the old
+/// credential still ends the connection with 4001 at its `exp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_in_band_token_keeps_the_old_credential() {
+    let (_db, server) = server(&[]).await;
+    let exp = now_plus(3);
+    let mut ws = ws_connect(&server, &token_until("olga", exp)).await;
+    next_json(&mut ws).await;
+    let forged = sign(
+        json!({"sub": "olga", "exp": now_plus(3600)}),
+        Algorithm::HS256,
+        &EncodingKey::from_secret(b"not the secret"),
+    );
+    let expired = token_until("olga", now_plus(-60));
+    for bad in [forged.as_str(), expired.as_str(), "garbage", "a.b.c"] {
+        send_text(&mut ws, &json!({"type": "auth", "token": bad}).to_string()).await;
+        let error = next_json_unwarned(&mut ws).await;
+        assert_eq!(
+            (error["type"].as_str(), error["error"].as_str()),
+            (Some("error"), Some("unauthorized")),
+            "{bad}"
+        );
+    }
+    send_text(&mut ws, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_json_unwarned(&mut ws).await, json!({"type": "pong"}));
+    assert_eq!(close_code(&mut ws).await, Some(close::TOKEN_EXPIRED));
+    let after_exp = ms_after(exp);
+    assert!(
+        (-50..=1000).contains(&after_exp),
+        "closed {after_exp} ms after exp"
+    );
+}
+
+/// A short-lived credential is warned with `auth_expiring` at half its lifetime, before
+/// `exp`, and the close still comes at `exp` with 4001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_expiring_comes_before_expiry() {
+    let (_db, server) = server(&[]).await;
+    let exp = now_plus(3);
+    let mut ws = ws_connect(&server, &token_until("pia", exp)).await;
+    next_json(&mut ws).await;
+    let half_life = ms_after(exp) / 2;
+    let warning = next_json(&mut ws).await;
+    assert_eq!(warning["type"], "auth_expiring");
+    assert_eq!(expires_at(&warning), exp);
+    let warned = ms_after(exp);
+    assert!(
+        (half_life - 300..=half_life + 300).contains(&warned),
+        "warned {warned} ms after exp, half-life at {half_life}"
+    );
+    assert_eq!(close_code(&mut ws).await, Some(close::TOKEN_EXPIRED));
+    let after_exp = ms_after(exp);
+    assert!(
+        (-50..=1000).contains(&after_exp),
+        "closed {after_exp} ms after exp"
+    );
+}

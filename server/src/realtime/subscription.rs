@@ -68,6 +68,11 @@ impl Subscription {
         }
     }
 
+    /// The user whose changes this subscription receives.
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
     /// Records that the connection already has `version` (e.g. from the snapshot), so
     /// nothing at or below it is sent again.
     pub fn sent(&mut self, version: i64) {

@@ -1,9 +1,13 @@
 //! `GET /ws`: the snapshot, then one JSON text frame per change; app-level ping/pong,
-//! protocol pings with a dead-peer timeout, and the close codes of `app::wire::close`.
+//! protocol pings with a dead-peer timeout, in-band token refresh (`auth` → `auth_ok`, with an
+//! `auth_expiring` warning first), and the close codes of `app::wire::close`.
 
 use std::time::Duration;
 
-use app::wire::{BalanceEvent, ErrorCode, ErrorTag, PongTag, WsClientMsg, WsServerMsg, close};
+use app::wire::{
+    AuthExpiringTag, AuthOkTag, BalanceEvent, ErrorCode, ErrorTag, PongTag, WsClientMsg,
+    WsServerMsg, close,
+};
 use axum::{
     Router,
     extract::{
@@ -24,7 +28,7 @@ use super::{
 };
 use crate::{
     AppState,
-    auth::{AuthUser, TokenSource},
+    auth::{Auth, AuthError, AuthUser, Identity, TokenSource},
     error::from_json_object,
     metrics::Metrics,
 };
@@ -41,6 +45,9 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024;
 const MAX_BAD_FRAMES: u32 = 3;
 /// A send to a peer that does not read for this long ends the connection.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long before its credential expires a connection is sent `auth_expiring`, at most;
+/// a shorter-lived credential is warned at half its lifetime.
+const EXPIRING_LEAD: Duration = Duration::from_secs(60);
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/ws", get(upgrade))
@@ -127,6 +134,8 @@ fn close_message(code: u16, reason: Utf8Bytes) -> Message {
 struct Live {
     metrics: Metrics,
     timing: RealtimeConfig,
+    /// Verifies tokens sent in-band; one `Arc`.
+    auth: Auth,
 }
 
 impl From<&AppState> for Live {
@@ -134,6 +143,7 @@ impl From<&AppState> for Live {
         Self {
             metrics: state.metrics.clone(),
             timing: state.realtime,
+            auth: state.auth.clone(),
         }
     }
 }
@@ -152,7 +162,12 @@ struct Admitted {
 struct Session {
     socket: WebSocket,
     live: Live,
+    /// When the current credential expires, ending the session unless it is refreshed.
     expires_at: chrono::DateTime<chrono::Utc>,
+    /// How long before `expires_at` to send `auth_expiring`, in milliseconds; 0 once sent
+    /// (or for a credential too short-lived to warn). Milliseconds in a `u32` rather than a
+    /// second timestamp: every idle connection holds this.
+    expiring_lead_ms: u32,
     subscription: Subscription,
     bad_frames: u32,
 }
@@ -177,6 +192,7 @@ impl Session {
             socket,
             live,
             expires_at,
+            expiring_lead_ms: expiring_lead_ms(expires_at),
             subscription,
             bad_frames: 0,
         };
@@ -195,12 +211,11 @@ impl Session {
         if !self.send(Message::Text(first)).await {
             return End::Silent;
         }
-        let expires = instant_of(self.expires_at);
         let mut next_ping = Instant::now() + self.live.timing.ping_interval;
         let mut last_heard = Instant::now();
-        // One timer serves both the ping schedule and the token's expiry: every idle
-        // connection holds it, so it pays to have just one.
-        let timer = sleep_until(next_ping.min(expires));
+        // One timer serves the ping schedule, the `auth_expiring` warning and the token's
+        // expiry: every idle connection holds it, so it pays to have just one.
+        let timer = sleep_until(self.deadline(next_ping));
         tokio::pin!(timer);
         loop {
             tokio::select! {
@@ -221,6 +236,8 @@ impl Session {
                             if let Some(end) = Box::pin(self.answer(message)).await {
                                 return end;
                             }
+                            // An `auth` frame may have moved the expiry.
+                            timer.as_mut().reset(self.deadline(next_ping));
                         }
                         Some(Err(err)) if is_too_big(&err) => {
                             return End::Close(close::TOO_BIG, "frames are limited to 4 KiB");
@@ -229,45 +246,130 @@ impl Session {
                     }
                 }
                 () = &mut timer => {
+                    // Decided on the wall clock, the one `exp` is on: `instant_of` a past
+                    // time is a moving "now", never reached.
                     let now = Instant::now();
-                    if now >= expires {
+                    let wall = chrono::Utc::now();
+                    if wall >= self.expires_at {
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
-                    if last_heard.elapsed() > self.live.timing.idle_timeout
-                        || !self.send(Message::Ping(Default::default())).await
+                    if self.expiring_lead_ms > 0
+                        && wall + Duration::from_millis(self.expiring_lead_ms.into()) >= self.expires_at
                     {
-                        return End::Silent;
+                        self.expiring_lead_ms = 0;
+                        let warning = WsServerMsg::AuthExpiring {
+                            tag: AuthExpiringTag::AuthExpiring,
+                            expires_at: self.expires_at,
+                        };
+                        if !self.send(frame(&warning)).await {
+                            return End::Silent;
+                        }
                     }
-                    next_ping = now + self.live.timing.ping_interval;
-                    timer.as_mut().reset(next_ping.min(expires));
+                    if now >= next_ping {
+                        if last_heard.elapsed() > self.live.timing.idle_timeout
+                            || !self.send(Message::Ping(Default::default())).await
+                        {
+                            return End::Silent;
+                        }
+                        next_ping = now + self.live.timing.ping_interval;
+                    }
+                    timer.as_mut().reset(self.deadline(next_ping));
                 }
             }
         }
     }
 
+    /// When the single timer must next fire: the earliest of the next ping, the
+    /// `auth_expiring` warning (until sent) and the credential's expiry.
+    fn deadline(&self, next_ping: Instant) -> Instant {
+        let expires = instant_of(self.expires_at);
+        let soonest = next_ping.min(expires);
+        self.expiring_at().map_or(soonest, |at| soonest.min(at))
+    }
+
+    /// When `auth_expiring` is due, unless it was already sent for this credential.
+    fn expiring_at(&self) -> Option<Instant> {
+        let lead = Duration::from_millis(self.expiring_lead_ms.into());
+        (self.expiring_lead_ms > 0).then(|| {
+            let expires = instant_of(self.expires_at);
+            expires.checked_sub(lead).unwrap_or(expires)
+        })
+    }
+
     /// Handles one client frame; returns how the session ends, if it must.
     async fn answer(&mut self, message: Message) -> Option<End> {
         let reply = match message {
-            Message::Text(text) if from_json_object::<WsClientMsg>(text.as_bytes()).is_ok() => {
-                WsServerMsg::Pong { tag: PongTag::Pong }
-            }
-            Message::Text(_) | Message::Binary(_) => {
-                self.bad_frames += 1;
-                if self.bad_frames > MAX_BAD_FRAMES {
-                    return Some(End::Close(close::POLICY, "repeated malformed frames"));
+            Message::Text(text) => match from_json_object::<WsClientMsg>(text.as_bytes()) {
+                Ok(WsClientMsg::Ping) => WsServerMsg::Pong { tag: PongTag::Pong },
+                Ok(WsClientMsg::Auth { token }) => {
+                    let (reply, end) = self.refresh(&token).await;
+                    if !self.send(frame(&reply)).await {
+                        return Some(End::Silent);
+                    }
+                    return end;
                 }
-                WsServerMsg::Error {
-                    tag: ErrorTag::Error,
-                    error: ErrorCode::BadJson,
-                    message: r#"expected {"type":"ping"}"#.into(),
-                }
-            }
+                Err(_) => return self.bad_frame().await,
+            },
+            Message::Binary(_) => return self.bad_frame().await,
             // Protocol pings are answered by the library; pongs only prove the peer lives.
             Message::Ping(_) | Message::Pong(_) => return None,
             Message::Close(_) => return Some(End::Silent),
         };
-        let json = serde_json::to_string(&reply).expect("server frames always serialise");
-        (!self.send(Message::Text(json.into())).await).then_some(End::Silent)
+        (!self.send(frame(&reply)).await).then_some(End::Silent)
+    }
+
+    /// Verifies an in-band token. The same user's token replaces the credential; another
+    /// user's, or a service credential (not a user, so not this connection's owner either),
+    /// is forbidden and ends the connection with 4003. An invalid token, or one that cannot
+    /// be checked now, leaves the old credential in place until its own expiry; it is the
+    /// client's token at fault, not its framing, so it does not count as a bad frame.
+    async fn refresh(&mut self, token: &str) -> (WsServerMsg, Option<End>) {
+        let error = |error, message: &str| WsServerMsg::Error {
+            tag: ErrorTag::Error,
+            error,
+            message: message.into(),
+        };
+        match self.live.auth.identify(token).await {
+            Ok(Identity::User(user)) if user.user_id == self.subscription.user_id() => {
+                self.expires_at = user.expires_at;
+                self.expiring_lead_ms = expiring_lead_ms(user.expires_at);
+                let ok = WsServerMsg::AuthOk {
+                    tag: AuthOkTag::AuthOk,
+                    expires_at: user.expires_at,
+                };
+                (ok, None)
+            }
+            Ok(Identity::User(_) | Identity::Service) => (
+                error(
+                    ErrorCode::Forbidden,
+                    "the token is not for this connection's user",
+                ),
+                Some(End::Close(
+                    close::FORBIDDEN_CREDENTIAL,
+                    "token for another user",
+                )),
+            ),
+            Err(AuthError::Unavailable | AuthError::Internal(_)) => (
+                error(ErrorCode::Unavailable, "the token cannot be checked now"),
+                None,
+            ),
+            Err(err) => (error(ErrorCode::Unauthorized, &err.to_string()), None),
+        }
+    }
+
+    /// Answers a malformed or unknown frame with an error frame, or closes with 1008 after
+    /// too many.
+    async fn bad_frame(&mut self) -> Option<End> {
+        self.bad_frames += 1;
+        if self.bad_frames > MAX_BAD_FRAMES {
+            return Some(End::Close(close::POLICY, "repeated malformed frames"));
+        }
+        let reply = WsServerMsg::Error {
+            tag: ErrorTag::Error,
+            error: ErrorCode::BadJson,
+            message: r#"expected {"type":"ping"} or {"type":"auth","token":…}"#.into(),
+        };
+        (!self.send(frame(&reply)).await).then_some(End::Silent)
     }
 
     async fn send(&mut self, message: Message) -> bool {
@@ -291,4 +393,20 @@ fn is_too_big(err: &axum::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+/// A server frame as a text message.
+fn frame(message: &WsServerMsg) -> Message {
+    let json = serde_json::to_string(message).expect("server frames always serialise");
+    Message::Text(json.into())
+}
+
+/// How long before `expires_at` a credential received now is warned: a minute, or half its
+/// remaining lifetime if that is shorter; 0 (no warning) if it has already expired.
+fn expiring_lead_ms(expires_at: chrono::DateTime<chrono::Utc>) -> u32 {
+    let lifetime = (expires_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    let lead = EXPIRING_LEAD.min(lifetime / 2).as_millis();
+    u32::try_from(lead).expect("the lead is at most a minute")
 }
