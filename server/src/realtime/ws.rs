@@ -324,11 +324,6 @@ impl Session {
     /// be checked now, leaves the old credential in place until its own expiry; it is the
     /// client's token at fault, not its framing, so it does not count as a bad frame.
     async fn refresh(&mut self, token: &str) -> (WsServerMsg, Option<End>) {
-        let error = |error, message: &str| WsServerMsg::Error {
-            tag: ErrorTag::Error,
-            error,
-            message: message.into(),
-        };
         match self.live.auth.identify(token).await {
             Ok(Identity::User(user)) if user.user_id == self.subscription.user_id() => {
                 self.expires_at = user.expires_at;
@@ -340,7 +335,7 @@ impl Session {
                 (ok, None)
             }
             Ok(Identity::User(_) | Identity::Service) => (
-                error(
+                error_message(
                     ErrorCode::Forbidden,
                     "the token is not for this connection's user",
                 ),
@@ -350,10 +345,13 @@ impl Session {
                 )),
             ),
             Err(AuthError::Unavailable | AuthError::Internal(_)) => (
-                error(ErrorCode::Unavailable, "the token cannot be checked now"),
+                error_message(ErrorCode::Unavailable, "the token cannot be checked now"),
                 None,
             ),
-            Err(err) => (error(ErrorCode::Unauthorized, &err.to_string()), None),
+            Err(err) => (
+                error_message(ErrorCode::Unauthorized, err.to_string()),
+                None,
+            ),
         }
     }
 
@@ -364,11 +362,10 @@ impl Session {
         if self.bad_frames > MAX_BAD_FRAMES {
             return Some(End::Close(close::POLICY, "repeated malformed frames"));
         }
-        let reply = WsServerMsg::Error {
-            tag: ErrorTag::Error,
-            error: ErrorCode::BadJson,
-            message: r#"expected {"type":"ping"} or {"type":"auth","token":…}"#.into(),
-        };
+        let reply = error_message(
+            ErrorCode::BadJson,
+            r#"expected {"type":"ping"} or {"type":"auth","token":…}"#,
+        );
         (!self.send(frame(&reply)).await).then_some(End::Silent)
     }
 
@@ -393,6 +390,15 @@ fn is_too_big(err: &axum::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+/// An error frame telling the client what it got wrong.
+fn error_message(error: ErrorCode, message: impl Into<String>) -> WsServerMsg {
+    WsServerMsg::Error {
+        tag: ErrorTag::Error,
+        error,
+        message: message.into(),
+    }
 }
 
 /// A server frame as a text message.
