@@ -65,7 +65,7 @@ pub async fn poll(
     Ok(())
 }
 
-async fn balance_of(
+pub(super) async fn balance_of(
     http: &reqwest::Client,
     url: &str,
     token: &str,

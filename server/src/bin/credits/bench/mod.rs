@@ -15,11 +15,14 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 mod capacity;
 mod fanout;
 mod load;
+mod soak;
 
 use super::{Failure, Secret, ServiceAuth, watch::Output};
 
 /// Longest any benchmark phase may run.
 const MAX_DURATION: Duration = Duration::from_secs(15 * 60);
+/// Longest soak.
+const MAX_SOAK: Duration = Duration::from_secs(3 * 3600);
 /// Most connections one bench process opens (a process may open 20,000 files here).
 const MAX_CONNECTIONS: usize = 19_800;
 
@@ -84,6 +87,33 @@ pub enum Bench {
         users: usize,
         #[arg(long, default_value = "bench-changes")]
         prefix: String,
+        #[command(flatten)]
+        service: ServiceAuth,
+    },
+    /// U users × C WebSocket connections spread over the instances, R changes/s and P % of
+    /// the connections reopened each second for D, while faults are injected from outside
+    /// (scripts/soak.sh): then nothing acknowledged may be lost, no open connection stale,
+    /// and the servers' RSS and open files must be back near where they started.
+    Soak {
+        #[arg(long, default_value_t = 2000)]
+        users: usize,
+        #[arg(long, default_value_t = 5)]
+        per_user: usize,
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Percent of the connections closed and reopened each second.
+        #[arg(long, default_value_t = 5.0)]
+        churn: f64,
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Instances to connect to and apply changes through (default: --url).
+        #[arg(long, value_delimiter = ',')]
+        instance: Vec<String>,
+        /// The servers' process ids, to read their RSS and open files.
+        #[arg(long, value_delimiter = ',')]
+        server_pid: Vec<u32>,
+        #[command(flatten)]
+        spread: Spread,
         #[command(flatten)]
         service: ServiceAuth,
     },
@@ -188,6 +218,43 @@ impl Bench {
                     "--total is limited to 1,000,000",
                 )?;
                 load::changes(url, clients, total, users, &prefix, &service, out).await?;
+            }
+            Self::Soak {
+                users,
+                per_user,
+                rate,
+                churn,
+                duration,
+                instance,
+                server_pid,
+                spread,
+                service,
+            } => {
+                check(
+                    users > 0 && users * per_user <= MAX_CONNECTIONS.min(files as usize),
+                    "too many connections for one process",
+                )?;
+                check(duration <= MAX_SOAK, "--duration is limited to 3 hours")?;
+                check((0.0..=100.0).contains(&churn), "--churn is a percentage")?;
+                let instances = if instance.is_empty() {
+                    vec![url.to_owned()]
+                } else {
+                    instance
+                };
+                let mut targets = Vec::with_capacity(instances.len());
+                for instance in &instances {
+                    targets.push(loopback_target(instance).await?);
+                }
+                let soak = soak::Soak {
+                    instances: &instances,
+                    users,
+                    per_user,
+                    rate,
+                    churn,
+                    duration,
+                    server_pids: &server_pid,
+                };
+                soak.run(&targets, &spread, &service, out).await?;
             }
         }
         let (p99, max) = lag.report();
