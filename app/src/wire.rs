@@ -49,13 +49,36 @@ fn amount<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
 }
 
 /// A user's balance at one version. A user who never had a change has version 0 and no
-/// `updated_at`.
+/// `updated_at`. `held` is the sum of the user's active holds (SPEC §12) and `available`
+/// what may still be spent or held: `balance − held`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalanceSnapshot {
     pub user_id: String,
     pub balance: i64,
+    pub held: i64,
+    pub available: i64,
     pub version: i64,
     pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl BalanceSnapshot {
+    /// A snapshot with `available` derived from `balance` and `held`.
+    pub fn new(
+        user_id: impl Into<String>,
+        balance: i64,
+        held: i64,
+        version: i64,
+        updated_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            user_id: user_id.into(),
+            balance,
+            held,
+            available: balance - held,
+            version,
+            updated_at,
+        }
+    }
 }
 
 /// The `type` tag of a [`BalanceEvent`]; it only ever reads `"balance"`.
@@ -74,9 +97,14 @@ pub struct BalanceEvent {
     pub tag: BalanceTag,
     pub user_id: String,
     pub balance: i64,
+    pub held: i64,
+    pub available: i64,
     pub version: i64,
     pub updated_at: Option<DateTime<Utc>>,
+    /// The ledger row of this version: a change, or the `capture` row of a capture.
     pub change: Option<Change>,
+    /// The hold this version placed, captured, released or expired.
+    pub hold: Option<Hold>,
 }
 
 impl BalanceEvent {
@@ -86,23 +114,111 @@ impl BalanceEvent {
             tag: BalanceTag::Balance,
             user_id: snapshot.user_id,
             balance: snapshot.balance,
+            held: snapshot.held,
+            available: snapshot.available,
             version: snapshot.version,
             updated_at: snapshot.updated_at,
             change: None,
+            hold: None,
         }
     }
-}
 
-impl BalanceEvent {
     /// The balance this event leaves, without the change.
     pub fn to_snapshot(&self) -> BalanceSnapshot {
         BalanceSnapshot {
             user_id: self.user_id.clone(),
             balance: self.balance,
+            held: self.held,
+            available: self.available,
             version: self.version,
             updated_at: self.updated_at,
         }
     }
+}
+
+/// Credits reserved before work whose cost is known only after it (SPEC §12).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub id: String,
+    pub user_id: String,
+    pub amount: i64,
+    /// What a capture took; 0 until then.
+    pub captured: i64,
+    pub status: HoldStatus,
+    pub metadata: Metadata,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Where a hold is in its life: `held` until captured, released or expired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    Held,
+    Captured,
+    Released,
+    Expired,
+}
+
+impl HoldStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Captured => "captured",
+            Self::Released => "released",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// The default lifetime of a hold, in seconds.
+pub const DEFAULT_HOLD_TTL_S: i64 = 900;
+/// The longest lifetime of a hold, in seconds (a day).
+pub const MAX_HOLD_TTL_S: i64 = 86_400;
+
+/// The body of `POST /api/credits/holds`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldRequest {
+    pub user_id: String,
+    #[serde(deserialize_with = "amount")]
+    pub amount: i64,
+    /// Seconds until the hold expires: 1 to [`MAX_HOLD_TTL_S`], default [`DEFAULT_HOLD_TTL_S`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// The body of `POST /api/credits/holds/{id}/capture`: how much to take, all by default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    #[serde(
+        default,
+        deserialize_with = "some_amount",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub amount: Option<i64>,
+}
+
+fn some_amount<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    amount(deserializer).map(Some)
+}
+
+/// The answer to every hold operation: the hold as it is now, and the event it caused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldResponse {
+    pub hold: Hold,
+    pub event: BalanceEvent,
+}
+
+/// `GET /api/credits/holds`: the user's active holds, newest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldList {
+    pub items: Vec<Hold>,
 }
 
 /// The change that produced a [`BalanceEvent`].
@@ -169,6 +285,16 @@ pub struct DevCreditRequest {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Metadata>,
+}
+
+/// The body of `POST /api/dev/holds`: a hold on the caller's own credits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevHoldRequest {
+    #[serde(deserialize_with = "amount")]
+    pub amount: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<i64>,
 }
 
 /// The body of `POST /api/dev/login`.
@@ -240,6 +366,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     InsufficientCredits,
     IdempotencyConflict,
+    /// The hold is no longer `held`; the message says what it is.
+    HoldClosed,
     PayloadTooLarge,
     TooManyConnections,
     Unavailable,
@@ -255,7 +383,7 @@ impl ErrorCode {
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
-            Self::InsufficientCredits | Self::IdempotencyConflict => 409,
+            Self::InsufficientCredits | Self::IdempotencyConflict | Self::HoldClosed => 409,
             Self::PayloadTooLarge => 413,
             Self::InvalidField | Self::OutOfRange => 422,
             Self::TooManyConnections => 429,
@@ -402,13 +530,11 @@ mod tests {
     #[test]
     fn snapshot_of_new_user() {
         round_trip(
-            BalanceSnapshot {
-                user_id: "u1".into(),
-                balance: 0,
-                version: 0,
-                updated_at: None,
-            },
-            json!({"user_id": "u1", "balance": 0, "version": 0, "updated_at": null}),
+            BalanceSnapshot::new("u1", 0, 0, 0, None),
+            json!({
+                "user_id": "u1", "balance": 0, "held": 0, "available": 0, "version": 0,
+                "updated_at": null
+            }),
         );
     }
 
@@ -420,13 +546,16 @@ mod tests {
                 tag: BalanceTag::Balance,
                 user_id: "u1".into(),
                 balance: 750,
+                held: 50,
+                available: 700,
                 version: 3,
                 updated_at: Some(at("2026-11-28T10:00:00Z")),
                 change: Some(sample_change()),
+                hold: None,
             },
             json!({
-                "type": "balance", "user_id": "u1", "balance": 750, "version": 3,
-                "updated_at": "2026-11-28T10:00:00Z",
+                "type": "balance", "user_id": "u1", "balance": 750, "held": 50,
+                "available": 700, "version": 3, "updated_at": "2026-11-28T10:00:00Z", "hold": null,
                 "change": {
                     "id": "0190f5c2-7a00-7000-8000-000000000001", "amount": -250,
                     "type": "spend", "metadata": {"order": "A-17"},
@@ -436,15 +565,41 @@ mod tests {
         );
     }
 
+    /// A hold travels with its status as a word; a capture body may leave out the amount.
+    #[test]
+    fn hold_and_capture() {
+        round_trip(
+            Hold {
+                id: "h1".into(),
+                user_id: "u1".into(),
+                amount: 30,
+                captured: 12,
+                status: HoldStatus::Captured,
+                metadata: Metadata::new(),
+                created_at: at("2026-12-02T10:00:00Z"),
+                expires_at: at("2026-12-02T10:15:00Z"),
+            },
+            json!({
+                "id": "h1", "user_id": "u1", "amount": 30, "captured": 12,
+                "status": "captured", "metadata": {},
+                "created_at": "2026-12-02T10:00:00Z", "expires_at": "2026-12-02T10:15:00Z"
+            }),
+        );
+        round_trip(CaptureRequest::default(), json!({}));
+        round_trip(CaptureRequest { amount: Some(7) }, json!({"amount": 7}));
+        let request: HoldRequest =
+            serde_json::from_value(json!({"user_id": "u1", "amount": 5})).expect("minimal");
+        assert_eq!((request.ttl_s, request.metadata), (None, None));
+        let huge = json!({"user_id": "u1", "amount": 18446744073709551616u128 as f64});
+        let request: HoldRequest = serde_json::from_value(huge).expect("saturates");
+        assert_eq!(request.amount, i64::MAX);
+    }
+
     /// Balances at the JavaScript safe-integer limit survive a round trip exactly.
     #[test]
     fn extreme_balance_is_exact() {
-        let snapshot = BalanceSnapshot {
-            user_id: "rich".into(),
-            balance: MAX_CREDITS,
-            version: 1,
-            updated_at: Some(at("2026-11-28T10:00:00Z")),
-        };
+        let snapshot =
+            BalanceSnapshot::new("rich", MAX_CREDITS, 0, 1, Some(at("2026-11-28T10:00:00Z")));
         let event = BalanceEvent::snapshot(snapshot);
         let text = serde_json::to_string(&event).expect("serialises");
         assert!(text.contains("9007199254740991"));
@@ -456,16 +611,11 @@ mod tests {
     fn poll_response_is_flat() {
         round_trip(
             PollResponse {
-                snapshot: BalanceSnapshot {
-                    user_id: "u1".into(),
-                    balance: 5,
-                    version: 1,
-                    updated_at: Some(at("2026-11-28T10:00:00Z")),
-                },
+                snapshot: BalanceSnapshot::new("u1", 5, 2, 1, Some(at("2026-11-28T10:00:00Z"))),
                 poll_interval_ms: 5_000,
             },
             json!({
-                "user_id": "u1", "balance": 5, "version": 1,
+                "user_id": "u1", "balance": 5, "held": 2, "available": 3, "version": 1,
                 "updated_at": "2026-11-28T10:00:00Z", "poll_interval_ms": 5000
             }),
         );
@@ -589,6 +739,7 @@ mod tests {
             (ErrorCode::MethodNotAllowed, "method_not_allowed", 405),
             (ErrorCode::InsufficientCredits, "insufficient_credits", 409),
             (ErrorCode::IdempotencyConflict, "idempotency_conflict", 409),
+            (ErrorCode::HoldClosed, "hold_closed", 409),
             (ErrorCode::PayloadTooLarge, "payload_too_large", 413),
             (ErrorCode::TooManyConnections, "too_many_connections", 429),
             (ErrorCode::Unavailable, "unavailable", 503),
@@ -615,17 +766,12 @@ mod tests {
             },
             json!({"type": "error", "error": "bad_json", "message": "expected {\"type\":\"ping\"}"}),
         );
-        let event = BalanceEvent::snapshot(BalanceSnapshot {
-            user_id: "u1".into(),
-            balance: 1,
-            version: 1,
-            updated_at: None,
-        });
+        let event = BalanceEvent::snapshot(BalanceSnapshot::new("u1", 1, 0, 1, None));
         round_trip(
             WsServerMsg::Balance(event),
             json!({
-                "type": "balance", "user_id": "u1", "balance": 1, "version": 1,
-                "updated_at": null, "change": null
+                "type": "balance", "user_id": "u1", "balance": 1, "held": 0, "available": 1,
+                "version": 1, "updated_at": null, "change": null, "hold": null
             }),
         );
         let at: DateTime<Utc> = "2026-12-02T08:00:00Z".parse().expect("RFC 3339");

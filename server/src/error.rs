@@ -71,6 +71,8 @@ impl From<StoreError> for ApiError {
             StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
             StoreError::InsufficientCredits { .. } => ErrorCode::InsufficientCredits,
             StoreError::IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::HoldClosed { .. } => ErrorCode::HoldClosed,
             StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 return Self::new(ErrorCode::Unavailable, "the ledger is unavailable; retry");
@@ -156,23 +158,49 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         if !has_json_content_type(req.headers()) {
-            return Err(ApiError::new(
-                ErrorCode::BadJson,
-                "expected `Content-Type: application/json`",
-            ));
+            return Err(not_json());
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|err| {
-            if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
-                )
-            } else {
-                ApiError::new(ErrorCode::BadJson, err.body_text())
-            }
-        })?;
-        from_json_object(&bytes).map(Self)
+        from_json_object(&body(req, state).await?).map(Self)
     }
+}
+
+/// [`AppJson`] for a body that may be left out: an empty body reads as `T::default()`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = has_json_content_type(req.headers());
+        let bytes = body(req, state).await?;
+        match (bytes.is_empty(), is_json) {
+            (true, _) => Ok(Self(T::default())),
+            (false, true) => from_json_object(&bytes).map(Self),
+            (false, false) => Err(not_json()),
+        }
+    }
+}
+
+fn not_json() -> ApiError {
+    ApiError::new(
+        ErrorCode::BadJson,
+        "expected `Content-Type: application/json`",
+    )
+}
+
+/// The whole body, within [`MAX_BODY_BYTES`].
+async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|err| {
+        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(ErrorCode::BadJson, err.body_text())
+        }
+    })
 }
 
 /// `application/json` or any `application/*+json`, parameters aside: what axum's `Json`

@@ -90,6 +90,7 @@ impl AppState {
             }
         };
         bus.publish_commits(committed);
+        tokio::spawn(crate::store::sweeper::run(store.clone(), shutdown.token()));
         // Changes made before the link is up would reach the other instances only when
         // healed; a moment's wait makes the first ones as prompt as the rest.
         bus.wait_until_live(REDIS_START_WAIT).await;

@@ -6,31 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use app::wire::{MAX_CREDITS, Metadata};
-use common::TestDb;
+use common::{TestDb, on_both_databases};
 use serde_json::json;
 use server::store::{Applied, NewChange, Store, StoreError};
-
-/// Runs one async case against a fresh SQLite file and a fresh PostgreSQL database.
-macro_rules! on_both_databases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::TestDb::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::TestDb::postgres().await).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_databases!(
     new_user_has_zero_balance,
@@ -195,8 +173,8 @@ async fn refusals_among_concurrent_changes_stay_local(db: TestDb) {
         match result {
             Ok(Applied::New(_)) if withdrawal => withdrawn += 1,
             Err(StoreError::InsufficientCredits {
-                balance: 0,
-                amount: -1,
+                available: 0,
+                needed: 1,
             }) if withdrawal => {
                 refused += 1;
             }
@@ -235,8 +213,8 @@ async fn refused_changes_leave_no_trace(db: TestDb) {
     assert!(matches!(
         store.apply(&overdraw).await,
         Err(StoreError::InsufficientCredits {
-            balance: 100,
-            amount: -101
+            available: 100,
+            needed: 101
         })
     ));
     assert!(matches!(

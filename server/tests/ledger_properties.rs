@@ -532,11 +532,8 @@ fn matches(expected: &Expected, change: &NewChange, outcome: &Result<Applied, St
         (Expected::Conflict, Err(StoreError::IdempotencyConflict)) => true,
         (
             Expected::Insufficient { balance },
-            Err(StoreError::InsufficientCredits {
-                balance: refused_at,
-                amount,
-            }),
-        ) => refused_at == balance && *amount == change.amount,
+            Err(StoreError::InsufficientCredits { available, needed }),
+        ) => available == balance && *needed == -change.amount,
         (Expected::OutOfRange, Err(StoreError::OutOfRange { field, .. })) => *field == "balance",
         _ => false,
     }

@@ -1,17 +1,26 @@
 //! Dev mode only (`LIVECREDITS_DEV_LOGIN=1`): sign in as any user id, and change one's own
 //! balance from the debug page. Never mounted otherwise.
 
-use app::wire::{DevCreditRequest, DevLoginRequest, DevLoginResponse};
-use axum::{Json, Router, extract::State, response::Response, routing::post};
+use app::wire::{
+    CaptureRequest, DEFAULT_HOLD_TTL_S, DevCreditRequest, DevHoldRequest, DevLoginRequest,
+    DevLoginResponse,
+};
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::StatusCode,
+    response::Response,
+    routing::post,
+};
 use axum_extra::extract::CookieJar;
 use chrono::Duration;
 
-use super::changes::apply;
+use super::{changes::apply, holds};
 use crate::{
     AppState,
     auth::{self, AuthUser},
-    error::{ApiError, AppJson},
-    store::{NewChange, validate_user_id},
+    error::{ApiError, AppJson, OptionalJson},
+    store::{NewChange, NewHold, Settle, validate_user_id},
 };
 
 /// How long a dev session lasts.
@@ -21,6 +30,9 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/dev/login", post(login))
         .route("/api/dev/credits", post(credits))
+        .route("/api/dev/holds", post(place_hold))
+        .route("/api/dev/holds/{id}/capture", post(capture_hold))
+        .route("/api/dev/holds/{id}/release", post(release_hold))
 }
 
 async fn login(
@@ -56,4 +68,37 @@ async fn credits(
         idempotency_key: None,
     };
     apply(&state, &change).await
+}
+
+async fn place_hold(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    AppJson(request): AppJson<DevHoldRequest>,
+) -> Result<Response, ApiError> {
+    let hold = NewHold {
+        user_id: caller.user.user_id,
+        amount: request.amount,
+        ttl_s: request.ttl_s.unwrap_or(DEFAULT_HOLD_TTL_S),
+        metadata: app::wire::Metadata::new(),
+        idempotency_key: None,
+    };
+    holds::answer(state.store.place_hold(&hold).await, StatusCode::CREATED)
+}
+
+async fn capture_hold(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+    OptionalJson(request): OptionalJson<CaptureRequest>,
+) -> Result<Response, ApiError> {
+    let settle = Settle::Capture(request.amount);
+    holds::settle(&state, &id, settle, Some(&caller.user.user_id)).await
+}
+
+async fn release_hold(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    holds::settle(&state, &id, Settle::Release, Some(&caller.user.user_id)).await
 }

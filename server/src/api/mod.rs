@@ -4,6 +4,7 @@
 mod changes;
 mod credits;
 mod dev;
+mod holds;
 mod session;
 
 use axum::{Router, extract::DefaultBodyLimit, routing::any};
@@ -15,6 +16,7 @@ pub fn router(dev_login: bool) -> Router<AppState> {
     let api = Router::new()
         .merge(credits::router())
         .merge(changes::router())
+        .merge(holds::router())
         .merge(session::router());
     let api = if dev_login {
         api.merge(dev::router())

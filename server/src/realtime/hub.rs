@@ -289,12 +289,13 @@ pub(super) mod tests {
 
     /// A snapshot (resync) of `user` at `version`.
     pub(in crate::realtime) fn update(user: &str, version: i64) -> Arc<Update> {
-        Arc::new(Update::new(BalanceEvent::snapshot(BalanceSnapshot {
-            user_id: user.into(),
-            balance: version * 10,
+        Arc::new(Update::new(BalanceEvent::snapshot(BalanceSnapshot::new(
+            user,
+            version * 10,
+            0,
             version,
-            updated_at: None,
-        })))
+            None,
+        ))))
     }
 
     /// A change of `user` to `version`.

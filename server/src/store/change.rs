@@ -61,38 +61,18 @@ impl NewChange {
                 "must match [a-z][a-z0-9_]{0,31}, e.g. purchase",
             ));
         }
-        let metadata = serde_json::to_string(&self.metadata)
-            .map_err(|err| StoreError::invalid("metadata", err.to_string()))?;
-        let metadata_len = metadata.len();
-        if metadata_len > MAX_METADATA_BYTES {
-            return Err(StoreError::invalid(
-                "metadata",
-                format!("is {metadata_len} bytes of JSON, more than {MAX_METADATA_BYTES}"),
-            ));
-        }
         if let Some(key) = &self.idempotency_key {
-            if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_LEN {
-                return Err(StoreError::invalid(
-                    "idempotency_key",
-                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
-                ));
-            }
-            // Keys end up in logs and operators' terminals; NUL and newlines have no place there.
-            if key.chars().any(|c| c.is_ascii_control()) {
-                return Err(StoreError::invalid(
-                    "idempotency_key",
-                    "must not contain control characters (U+0000–U+001F, U+007F)",
-                ));
-            }
+            validate_key(key)?;
         }
-        Ok(metadata)
+        validate_metadata(&self.metadata)
     }
 
-    /// The balance after this change, refusing a negative or out-of-range result.
+    /// The balance after this change, refusing a spend beyond what is available (the
+    /// balance less the `held` credits, SPEC §12) or an out-of-range result.
     ///
     /// # Errors
     /// `InsufficientCredits` or `OutOfRange`.
-    pub fn next_balance(&self, balance: i64) -> Result<i64, StoreError> {
+    pub fn next_balance(&self, balance: i64, held: i64) -> Result<i64, StoreError> {
         let next = balance
             .checked_add(self.amount)
             .filter(|next| *next <= MAX_CREDITS)
@@ -100,10 +80,10 @@ impl NewChange {
                 field: "balance",
                 value: format!("{balance} + {}", self.amount),
             })?;
-        if next < 0 {
+        if self.amount < 0 && next < held {
             return Err(StoreError::InsufficientCredits {
-                balance,
-                amount: self.amount,
+                available: balance - held,
+                needed: -self.amount,
             });
         }
         Ok(next)
@@ -113,13 +93,53 @@ impl NewChange {
     ///
     /// # Errors
     /// `IdempotencyConflict` when the earlier change had another amount, type or metadata.
-    pub fn replay(&self, prior: Transaction) -> Result<BalanceEvent, StoreError> {
+    pub fn replay(&self, prior: Transaction, held: i64) -> Result<BalanceEvent, StoreError> {
         if prior.amount != self.amount || prior.kind != self.kind || prior.metadata != self.metadata
         {
             return Err(StoreError::IdempotencyConflict);
         }
-        Ok(event(&self.user_id, prior))
+        Ok(event(&self.user_id, prior, held))
     }
+}
+
+/// Checks an idempotency key (SPEC §3).
+///
+/// # Errors
+/// `Invalid` for an empty, over-long or control-character key.
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(StoreError::invalid(
+            "idempotency_key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+        ));
+    }
+    // Keys end up in logs and operators' terminals; NUL and newlines have no place there.
+    if key.chars().any(|c| c.is_ascii_control()) {
+        return Err(StoreError::invalid(
+            "idempotency_key",
+            "must not contain control characters (U+0000–U+001F, U+007F)",
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes metadata as stored, once for the size check and the row (SPEC §3).
+///
+/// # Errors
+/// `Invalid` for metadata larger than [`MAX_METADATA_BYTES`] as compact JSON.
+pub fn validate_metadata(metadata: &Metadata) -> Result<String, StoreError> {
+    let text = serde_json::to_string(metadata)
+        .map_err(|err| StoreError::invalid("metadata", err.to_string()))?;
+    if text.len() > MAX_METADATA_BYTES {
+        return Err(StoreError::invalid(
+            "metadata",
+            format!(
+                "is {} bytes of JSON, more than {MAX_METADATA_BYTES}",
+                text.len()
+            ),
+        ));
+    }
+    Ok(text)
 }
 
 /// Checks a user id taken from a request or token.
@@ -146,12 +166,15 @@ fn is_valid_type(kind: &str) -> bool {
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
 }
 
-/// The balance event a committed ledger row stands for; a replay rebuilds the same event.
-pub fn event(user_id: &str, row: Transaction) -> BalanceEvent {
+/// The balance event a committed ledger row stands for, with the `held` credits of its
+/// account then; a replay rebuilds the same event.
+pub fn event(user_id: &str, row: Transaction, held: i64) -> BalanceEvent {
     BalanceEvent {
         tag: BalanceTag::Balance,
         user_id: user_id.to_owned(),
         balance: row.balance_after,
+        held,
+        available: row.balance_after - held,
         version: row.version,
         updated_at: Some(row.created_at),
         change: Some(Change {
@@ -161,6 +184,7 @@ pub fn event(user_id: &str, row: Transaction) -> BalanceEvent {
             metadata: row.metadata,
             created_at: row.created_at,
         }),
+        hold: None,
     }
 }
 
@@ -259,20 +283,30 @@ mod tests {
     /// Balances never go negative nor beyond 2^53 − 1.
     #[test]
     fn balance_arithmetic() {
-        assert_eq!(change(5).next_balance(10).unwrap(), 15);
-        assert_eq!(change(-10).next_balance(10).unwrap(), 0);
+        assert_eq!(change(5).next_balance(10, 0).unwrap(), 15);
+        assert_eq!(change(-10).next_balance(10, 0).unwrap(), 0);
         assert!(matches!(
-            change(-11).next_balance(10),
+            change(-11).next_balance(10, 0),
             Err(StoreError::InsufficientCredits {
-                balance: 10,
-                amount: -11
+                available: 10,
+                needed: 11
             })
         ));
         assert!(matches!(
-            change(1).next_balance(MAX_CREDITS),
+            change(1).next_balance(MAX_CREDITS, 0),
             Err(StoreError::OutOfRange { .. })
         ));
-        assert_eq!(change(MAX_CREDITS).next_balance(0).unwrap(), MAX_CREDITS);
+        assert_eq!(change(MAX_CREDITS).next_balance(0, 0).unwrap(), MAX_CREDITS);
+        // Held credits cannot be spent, and a grant is never refused for them.
+        assert_eq!(change(-6).next_balance(10, 4).unwrap(), 4);
+        assert!(matches!(
+            change(-7).next_balance(10, 4),
+            Err(StoreError::InsufficientCredits {
+                available: 6,
+                needed: 7
+            })
+        ));
+        assert_eq!(change(3).next_balance(10, 10).unwrap(), 13);
     }
 
     /// A replay returns the original event; another body under the same key conflicts.
@@ -287,17 +321,17 @@ mod tests {
             version: 1,
             created_at: "2026-11-28T10:00:00Z".parse().unwrap(),
         };
-        let event = change(5).replay(prior.clone()).unwrap();
+        let event = change(5).replay(prior.clone(), 0).unwrap();
         assert_eq!(event.balance, 5);
         assert_eq!(event.change.unwrap().id, "t1");
         assert!(matches!(
-            change(6).replay(prior.clone()),
+            change(6).replay(prior.clone(), 0),
             Err(StoreError::IdempotencyConflict)
         ));
         let mut other_meta = change(5);
         other_meta.metadata.insert("x".into(), json!(1));
         assert!(matches!(
-            other_meta.replay(prior),
+            other_meta.replay(prior, 0),
             Err(StoreError::IdempotencyConflict)
         ));
     }

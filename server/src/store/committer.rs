@@ -1,12 +1,12 @@
-//! Group commit. Changes wait in a queue; its writer task takes every change waiting, up to
-//! [`MAX_BATCH`], into a single database transaction. The fixed costs of a transaction —
+//! Group commit. Operations (changes and hold operations) wait in a queue; its writer task
+//! takes every operation waiting, up to [`MAX_BATCH`], into a single database transaction. The fixed costs of a transaction —
 //! BEGIN, COMMIT, the lock step, a round trip or thread handoff per statement — are then paid
 //! once per batch instead of once per change. Nothing waits for a batch to fill: an idle
-//! writer takes the first change at once, and batches grow only while it is busy.
+//! writer takes the first operation at once, and batches grow only while it is busy.
 //!
 //! A backend with several writers (PostgreSQL) gets one queue per writer, and each user's
-//! changes always take the same queue: concurrent batches never wait on each other's account
-//! locks, and each user's changes are committed and published in order.
+//! operations always take the same queue: concurrent batches never wait on each other's
+//! account locks, and each user's versions are committed and published in order.
 
 use std::{
     hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
@@ -16,7 +16,7 @@ use std::{
 use app::wire::BalanceEvent;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Applied, Backend, StoreError, ledger, ledger::Validated};
+use super::{Applied, Backend, StoreError, ledger, ledger::Op};
 
 /// Most changes in one transaction; bounds the time locks are held and the statement size.
 const MAX_BATCH: usize = 256;
@@ -26,7 +26,7 @@ const QUEUE_CAPACITY: usize = 4096;
 type Outcome = Result<Applied, StoreError>;
 
 struct Queued {
-    validated: Validated,
+    op: Op,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -55,14 +55,13 @@ impl Committer {
         Self { queues }
     }
 
-    /// Queues a validated change on its user's writer and waits for its outcome.
-    pub(super) async fn apply(&self, validated: Validated) -> Outcome {
-        let lane = BuildHasherDefault::<DefaultHasher>::default()
-            .hash_one(&validated.change.user_id) as usize
+    /// Queues a validated operation on its user's writer and waits for its outcome.
+    pub(super) async fn apply(&self, op: Op) -> Outcome {
+        let lane = BuildHasherDefault::<DefaultHasher>::default().hash_one(op.user_id()) as usize
             % self.queues.len();
         let (reply, outcome) = oneshot::channel();
         self.queues[lane]
-            .send(Queued { validated, reply })
+            .send(Queued { op, reply })
             .await
             .map_err(|_| writer_gone())?;
         outcome.await.map_err(|_| writer_gone())?
@@ -99,14 +98,14 @@ async fn run(
 /// database rejects cannot fail the others.
 async fn commit(backend: &Backend, batch: Vec<Queued>) -> Vec<(Queued, Outcome)> {
     tracing::debug!(size = batch.len(), "committing a batch");
-    let changes: Vec<&Validated> = batch.iter().map(|q| &q.validated).collect();
-    match backend.apply(&changes).await {
+    let ops: Vec<&Op> = batch.iter().map(|q| &q.op).collect();
+    match backend.apply(&ops).await {
         Ok(outcomes) => batch.into_iter().zip(outcomes).collect(),
         Err(err) if batch.len() > 1 && !matches!(err, StoreError::Unavailable(_)) => {
             tracing::warn!(error = %err, size = batch.len(), "batch failed; retrying its changes one by one");
             let mut answered = Vec::with_capacity(batch.len());
             for queued in batch {
-                let outcome = match backend.apply(&[&queued.validated]).await {
+                let outcome = match backend.apply(&[&queued.op]).await {
                     Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| Err(writer_gone())),
                     Err(err) => Err(err),
                 };
@@ -123,7 +122,7 @@ async fn commit(backend: &Backend, batch: Vec<Queued>) -> Vec<(Queued, Outcome)>
 
 impl Backend {
     /// Runs one batch in a fresh write transaction.
-    async fn apply(&self, batch: &[&Validated]) -> Result<Vec<Outcome>, StoreError> {
+    async fn apply(&self, batch: &[&Op]) -> Result<Vec<Outcome>, StoreError> {
         match self {
             Self::Sqlite(db) => ledger::apply(db.begin_write().await?, batch).await,
             Self::Postgres(db) => ledger::apply(db.begin().await?, batch).await,

@@ -1,13 +1,18 @@
-//! The steps of a batch of changes inside one database transaction, written once for both
-//! backends. Each backend supplies the set-based SQL for the steps through [`LedgerTx`], so a
-//! batch costs the same few statements whether it holds one change or hundreds.
+//! The steps of a batch of operations — changes and hold operations — inside one database
+//! transaction, written once for both backends. Each backend supplies the set-based SQL for
+//! the steps through [`LedgerTx`], so a batch costs the same few statements whether it holds
+//! one operation or hundreds.
 
-use std::{collections::HashMap, future::Future};
+use std::{borrow::Cow, collections::HashMap, future::Future};
 
 use app::wire::Transaction;
 use chrono::{DateTime, SubsecRound, Utc};
 
-use super::{Applied, KeyedRow, NewChange, StoreError, change::event};
+use super::{
+    Applied, KeyedRow, NewChange, StoreError,
+    change::event,
+    hold::{HoldRecord, HoldRow, Mark, NewHold, Outcome, Settle},
+};
 
 /// A validated change with its metadata encoded as stored.
 #[derive(Debug)]
@@ -16,32 +21,60 @@ pub(super) struct Validated {
     pub metadata: String,
 }
 
+/// One operation on a user's account.
+#[derive(Debug)]
+pub(super) enum Op {
+    Change(Validated),
+    /// Place a hold; the metadata is encoded as stored.
+    Place(NewHold, String),
+    Settle {
+        user_id: String,
+        hold_id: String,
+        settle: Settle,
+    },
+}
+
+impl Op {
+    pub fn user_id(&self) -> &str {
+        match self {
+            Self::Change(validated) => &validated.change.user_id,
+            Self::Place(hold, _) => &hold.user_id,
+            Self::Settle { user_id, .. } => user_id,
+        }
+    }
+}
+
 /// A ledger row to append, with the columns the wire [`Transaction`] does not carry.
 pub(super) struct Entry<'a> {
     pub user_id: &'a str,
     pub key: Option<&'a str>,
-    pub metadata: &'a str,
+    pub metadata: Cow<'a, str>,
+    /// The account's held credits after this row, for an exact replay.
+    pub held: i64,
     pub row: Transaction,
 }
 
-/// An account's balance and version after the batch.
+/// An account's balance, held credits and version after the batch.
 pub(super) struct AccountState<'a> {
     pub user_id: &'a str,
     pub balance: i64,
+    pub held: i64,
     pub version: i64,
 }
+
+/// A locked account row: `(user_id, balance, version, held)`.
+pub(super) type LockedAccount = (String, i64, i64, i64);
 
 /// An open write transaction on the ledger. Dropping it without `commit` rolls it back.
 pub(super) trait LedgerTx: Send {
     /// Creates the missing accounts at balance 0 and locks them all for the rest of the
-    /// transaction; returns `(user_id, balance, version)` for each. Every later step relies on
-    /// these locks to serialise changes of one user across connections and instances.
-    /// `user_ids` is sorted and unique, so concurrent batches lock in one order and cannot
-    /// deadlock.
+    /// transaction. Every later step relies on these locks to serialise the operations of
+    /// one user across connections and instances. `user_ids` is sorted and unique, so
+    /// concurrent batches lock in one order and cannot deadlock.
     fn lock_accounts(
         &mut self,
         user_ids: &[&str],
-    ) -> impl Future<Output = Result<Vec<(String, i64, i64)>, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<LockedAccount>, sqlx::Error>> + Send;
 
     /// The ledger rows committed earlier under these `(user_id, idempotency_key)` pairs.
     fn find_by_keys(
@@ -49,12 +82,20 @@ pub(super) trait LedgerTx: Send {
         keys: &[(&str, &str)],
     ) -> impl Future<Output = Result<Vec<KeyedRow>, sqlx::Error>> + Send;
 
-    /// Appends the rows and moves the accounts to their new balances and versions, all
-    /// stamped `at`; removes the `abandoned` accounts, which the lock step created for
-    /// changes that were all refused.
+    /// The holds with these ids, and those placed under these `(user_id, idempotency_key)`.
+    fn find_holds(
+        &mut self,
+        ids: &[&str],
+        keys: &[(&str, &str)],
+    ) -> impl Future<Output = Result<Vec<HoldRow>, sqlx::Error>> + Send;
+
+    /// Appends the rows, writes the holds (new or changed) and moves the accounts to their
+    /// new state, all stamped `at`; removes the `abandoned` accounts, which the lock step
+    /// created for operations that were all refused.
     fn append(
         &mut self,
         entries: &[Entry<'_>],
+        holds: &[&HoldRecord],
         accounts: &[AccountState<'_>],
         abandoned: &[&str],
         at: DateTime<Utc>,
@@ -63,120 +104,250 @@ pub(super) trait LedgerTx: Send {
     fn commit(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
-/// Applies a batch of validated changes in `tx`, in order, as if each ran alone: a refused
-/// change leaves no trace and the others still apply; a change repeating the key of an
-/// earlier one (committed or in this batch) replays it. Commits once, when any change was
-/// accepted. Returns one outcome per change; `Err` means none of them was applied.
+/// A locked account as the batch moves it.
+struct Account {
+    balance: i64,
+    held: i64,
+    version: i64,
+    locked_version: i64,
+}
+
+impl Account {
+    /// Counts one more version and returns what the account is left at.
+    fn bump(&mut self, at: DateTime<Utc>) -> Mark {
+        self.version += 1;
+        Mark {
+            version: self.version,
+            balance: self.balance,
+            held: self.held,
+            at,
+        }
+    }
+}
+
+/// Applies a batch of validated operations in `tx`, in order, as if each ran alone: a
+/// refused operation leaves no trace and the others still apply; one repeating an earlier
+/// one (committed or in this batch) replays it. Commits once, when any operation was
+/// accepted. Returns one outcome per operation; `Err` means none of them was applied.
 pub(super) async fn apply(
     mut tx: impl LedgerTx,
-    batch: &[&Validated],
+    batch: &[&Op],
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-    let mut user_ids: Vec<&str> = batch.iter().map(|v| v.change.user_id.as_str()).collect();
+    let mut user_ids: Vec<&str> = batch.iter().map(|op| op.user_id()).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    let mut accounts: HashMap<String, (i64, i64)> = tx
+    let mut accounts: HashMap<String, Account> = tx
         .lock_accounts(&user_ids)
         .await?
         .into_iter()
-        .map(|(user_id, balance, version)| (user_id, (balance, version)))
-        .collect();
-
-    let mut keys: Vec<(&str, &str)> = batch
-        .iter()
-        .filter_map(|v| {
-            Some((
-                v.change.user_id.as_str(),
-                v.change.idempotency_key.as_deref()?,
-            ))
+        .map(|(user_id, balance, version, held)| {
+            let account = Account {
+                balance,
+                held,
+                version,
+                locked_version: version,
+            };
+            (user_id, account)
         })
         .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let mut prior = HashMap::with_capacity(keys.len());
-    if !keys.is_empty() {
-        for keyed in tx.find_by_keys(&keys).await? {
+
+    let (mut change_keys, mut hold_keys, mut hold_ids) = (Vec::new(), Vec::new(), Vec::new());
+    for op in batch {
+        match op {
+            Op::Change(v) => {
+                change_keys.extend(keyed(&v.change.user_id, &v.change.idempotency_key))
+            }
+            Op::Place(hold, _) => hold_keys.extend(keyed(&hold.user_id, &hold.idempotency_key)),
+            Op::Settle { hold_id, .. } => hold_ids.push(hold_id.as_str()),
+        }
+    }
+    let mut prior = HashMap::with_capacity(change_keys.len());
+    if !change_keys.is_empty() {
+        change_keys.sort_unstable();
+        change_keys.dedup();
+        for keyed in tx.find_by_keys(&change_keys).await? {
+            let held = keyed.held_after;
             prior.insert(
                 (keyed.user_id, keyed.idempotency_key),
-                keyed.row.into_transaction()?,
+                (keyed.row.into_transaction()?, held),
             );
         }
     }
+    let mut holds: HashMap<String, HoldRecord> = HashMap::new();
+    if !(hold_ids.is_empty() && hold_keys.is_empty()) {
+        for row in tx.find_holds(&hold_ids, &hold_keys).await? {
+            let record = row.into_record()?;
+            holds.insert(record.hold.id.clone(), record);
+        }
+    }
+    let mut hold_by_key: HashMap<(String, String), String> = holds
+        .values()
+        .filter_map(|r| Some(((r.hold.user_id.clone(), r.key.clone()?), r.hold.id.clone())))
+        .collect();
 
     // PostgreSQL keeps microseconds; rounding here makes a replay return the same instant.
     let at = Utc::now().trunc_subsecs(6);
     let mut entries = Vec::new();
+    let mut written: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
-    for validated in batch {
-        let change = &validated.change;
-        let key = change.idempotency_key.as_deref();
-        let slot = key.map(|key| (change.user_id.clone(), key.to_owned()));
-        if let Some(earlier) = slot.as_ref().and_then(|slot| prior.get(slot)) {
-            outcomes.push(change.replay(earlier.clone()).map(Applied::Replayed));
-            continue;
-        }
-        let Some((balance, version)) = accounts.get_mut(&change.user_id) else {
+    for op in batch {
+        let Some(account) = accounts.get_mut(op.user_id()) else {
             return Err(StoreError::Corrupt(format!(
                 "account {} was not locked",
-                change.user_id
+                op.user_id()
             )));
         };
-        let balance_after = match change.next_balance(*balance) {
-            Ok(next) => next,
-            Err(refused) => {
-                outcomes.push(Err(refused));
-                continue;
+        let outcome = match op {
+            Op::Change(validated) => {
+                let change = &validated.change;
+                let key = change.idempotency_key.as_deref();
+                let slot = key.map(|key| (change.user_id.clone(), key.to_owned()));
+                if let Some((earlier, held)) = slot.as_ref().and_then(|slot| prior.get(slot)) {
+                    outcomes.push(change.replay(earlier.clone(), *held).map(Applied::Replayed));
+                    continue;
+                }
+                match change.next_balance(account.balance, account.held) {
+                    Ok(balance_after) => {
+                        account.balance = balance_after;
+                        let mark = account.bump(at);
+                        let row = Transaction {
+                            id: uuid::Uuid::now_v7().to_string(),
+                            amount: change.amount,
+                            kind: change.kind.clone(),
+                            metadata: change.metadata.clone(),
+                            balance_after,
+                            version: mark.version,
+                            created_at: at,
+                        };
+                        if let Some(slot) = slot {
+                            prior.insert(slot, (row.clone(), mark.held));
+                        }
+                        let event = event(&change.user_id, row.clone(), mark.held);
+                        entries.push(Entry {
+                            user_id: &change.user_id,
+                            key,
+                            metadata: Cow::Borrowed(&validated.metadata),
+                            held: mark.held,
+                            row,
+                        });
+                        Ok(Applied::New(event))
+                    }
+                    Err(refused) => Err(refused),
+                }
             }
+            Op::Place(request, metadata) => {
+                let slot = request
+                    .idempotency_key
+                    .clone()
+                    .map(|key| (request.user_id.clone(), key));
+                if let Some(earlier) = slot.as_ref().and_then(|slot| hold_by_key.get(slot)) {
+                    outcomes.push(request.replay(&holds[earlier]).map(Applied::Replayed));
+                    continue;
+                }
+                let available = account.balance - account.held;
+                if request.amount > available {
+                    Err(StoreError::InsufficientCredits {
+                        available,
+                        needed: request.amount,
+                    })
+                } else {
+                    account.held += request.amount;
+                    let record = HoldRecord::place(request, metadata.clone(), account.bump(at));
+                    let (id, event) = (record.hold.id.clone(), record.placed_event());
+                    if let Some(slot) = slot {
+                        hold_by_key.insert(slot, id.clone());
+                    }
+                    holds.insert(id.clone(), record);
+                    written.push(id);
+                    Ok(Applied::New(event))
+                }
+            }
+            Op::Settle {
+                user_id,
+                hold_id,
+                settle,
+            } => match holds
+                .get_mut(hold_id)
+                .filter(|r| &r.hold.user_id == user_id)
+            {
+                None => Err(StoreError::NotFound(format!("hold {hold_id}"))),
+                Some(record) => match record.settle(*settle, at) {
+                    Err(refused) => Err(refused),
+                    Ok(Outcome::Replay) => record
+                        .closed_event()
+                        .map(Applied::Replayed)
+                        .ok_or_else(|| StoreError::Corrupt(format!("hold {hold_id}"))),
+                    Ok(Outcome::Close { status, captured }) => {
+                        account.held -= record.hold.amount;
+                        account.balance -= captured;
+                        record.close(status, captured, account.bump(at));
+                        if let Some(change) = record.capture_change() {
+                            entries.push(capture_entry(user_id, change, account));
+                        }
+                        written.push(hold_id.clone());
+                        record
+                            .closed_event()
+                            .map(Applied::New)
+                            .ok_or_else(|| StoreError::Corrupt(format!("hold {hold_id}")))
+                    }
+                },
+            },
         };
-        *balance = balance_after;
-        *version += 1;
-        let row = Transaction {
-            id: uuid::Uuid::now_v7().to_string(),
-            amount: change.amount,
-            kind: change.kind.clone(),
-            metadata: change.metadata.clone(),
-            balance_after,
-            version: *version,
-            created_at: at,
-        };
-        if let Some(slot) = slot {
-            prior.insert(slot, row.clone());
-        }
-        outcomes.push(Ok(Applied::New(event(&change.user_id, row.clone()))));
-        entries.push(Entry {
-            user_id: &change.user_id,
-            key,
-            metadata: &validated.metadata,
-            row,
-        });
+        outcomes.push(outcome);
     }
-    if entries.is_empty() {
+
+    let mut states: Vec<AccountState<'_>> = accounts
+        .iter()
+        .filter(|(_, account)| account.version != account.locked_version)
+        .map(|(user_id, account)| AccountState {
+            user_id,
+            balance: account.balance,
+            held: account.held,
+            version: account.version,
+        })
+        .collect();
+    if states.is_empty() {
         // Nothing accepted: dropping `tx` rolls back the accounts the lock step created.
         return Ok(outcomes);
     }
-
-    let mut touched: Vec<&str> = entries.iter().map(|e| e.user_id).collect();
-    touched.sort_unstable();
-    touched.dedup();
-    let states: Vec<AccountState<'_>> = touched
-        .into_iter()
-        .map(|user_id| {
-            let (balance, version) = accounts[user_id];
-            AccountState {
-                user_id,
-                balance,
-                version,
-            }
-        })
-        .collect();
-    // A refused change leaves no trace: not even the empty account the lock step created
-    // for a user whose changes in this batch were all refused.
+    states.sort_unstable_by_key(|state| state.user_id);
+    // A refused operation leaves no trace: not even the empty account the lock step
+    // created for a user whose operations in this batch were all refused.
     let mut abandoned: Vec<&str> = accounts
         .iter()
-        .filter(|(_, (_, version))| *version == 0)
+        .filter(|(_, account)| account.version == 0)
         .map(|(user_id, _)| user_id.as_str())
         .collect();
     abandoned.sort_unstable();
-    tx.append(&entries, &states, &abandoned, at).await?;
+    written.sort_unstable();
+    written.dedup();
+    let holds: Vec<&HoldRecord> = written.iter().map(|id| &holds[id]).collect();
+    tx.append(&entries, &holds, &states, &abandoned, at).await?;
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// The `(user_id, key)` of a keyed operation.
+fn keyed<'a>(user_id: &'a str, key: &'a Option<String>) -> Option<(&'a str, &'a str)> {
+    Some((user_id, key.as_deref()?))
+}
+
+/// The ledger row of a capture, which leaves `account` as it is now.
+fn capture_entry<'a>(user_id: &'a str, change: app::wire::Change, account: &Account) -> Entry<'a> {
+    let metadata = serde_json::to_string(&change.metadata).unwrap_or_else(|_| "{}".to_owned());
+    Entry {
+        user_id,
+        key: None,
+        metadata: Cow::Owned(metadata),
+        held: account.held,
+        row: Transaction {
+            id: change.id,
+            amount: change.amount,
+            kind: change.kind,
+            metadata: change.metadata,
+            balance_after: account.balance,
+            version: account.version,
+            created_at: change.created_at,
+        },
+    }
 }

@@ -2,19 +2,36 @@
 //! default) or PostgreSQL (several instances). All SQL lives in the backend modules; the
 //! rules of a change live in `change` and the transaction's steps in `ledger`, once for both.
 
+/// The columns of a hold row (`hold::HoldRow`), in order, for every query that reads one;
+/// a macro so that queries stay static strings for `concat!`.
+macro_rules! hold_columns {
+    () => {
+        "id, user_id, amount, captured, status, metadata, idempotency_key, created_at, \
+         expires_at, version, balance, held, closed_at, closed_version, closed_balance, \
+         closed_held, capture_id"
+    };
+}
+
 mod change;
 mod committer;
+mod hold;
 mod ledger;
 mod postgres;
 mod sqlite;
+pub mod sweeper;
 
-use app::wire::{BalanceEvent, BalanceSnapshot, Metadata, Transaction, TransactionPage};
+use app::wire::{
+    BalanceEvent, BalanceSnapshot, Hold, HoldStatus, Metadata, Transaction, TransactionPage,
+};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 pub use change::{NewChange, validate_user_id};
+pub use hold::{NewHold, Settle};
+
+use ledger::Op;
 
 use crate::config::DatabaseUrl;
 
@@ -31,10 +48,14 @@ pub enum StoreError {
     Invalid { field: &'static str, reason: String },
     #[error("{field} out of range: {value} is beyond ±9007199254740991")]
     OutOfRange { field: &'static str, value: String },
-    #[error("insufficient credits: balance {balance}, change {amount}")]
-    InsufficientCredits { balance: i64, amount: i64 },
-    #[error("idempotency key already used for a different change")]
+    #[error("insufficient credits: {available} available, {needed} needed")]
+    InsufficientCredits { available: i64, needed: i64 },
+    #[error("idempotency key already used for a different request")]
     IdempotencyConflict,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("hold {id} is {}", status.as_str())]
+    HoldClosed { id: String, status: HoldStatus },
     /// The database cannot be reached or is overloaded; retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] Arc<sqlx::Error>),
@@ -142,13 +163,10 @@ impl Store {
             Backend::Sqlite(db) => db.account(user_id).await?,
             Backend::Postgres(db) => db.account(user_id).await?,
         };
-        let (balance, version, updated_at) = row.unwrap_or((0, 0, None));
-        Ok(BalanceSnapshot {
-            user_id: user_id.to_owned(),
-            balance,
-            version,
-            updated_at,
-        })
+        let (balance, held, version, updated_at) = row.unwrap_or((0, 0, 0, None));
+        Ok(BalanceSnapshot::new(
+            user_id, balance, held, version, updated_at,
+        ))
     }
 
     /// The current balances of `user_ids` that have an account, in one query; used to heal
@@ -163,11 +181,8 @@ impl Store {
         };
         Ok(rows
             .into_iter()
-            .map(|(user_id, balance, version, updated_at)| BalanceSnapshot {
-                user_id,
-                balance,
-                version,
-                updated_at,
+            .map(|(user_id, balance, held, version, updated_at)| {
+                BalanceSnapshot::new(user_id, balance, held, version, updated_at)
             })
             .collect())
     }
@@ -181,11 +196,93 @@ impl Store {
     pub async fn apply(&self, change: &NewChange) -> Result<Applied, StoreError> {
         let metadata = change.validate()?;
         self.committer
-            .apply(ledger::Validated {
+            .apply(Op::Change(ledger::Validated {
                 change: change.clone(),
                 metadata,
+            }))
+            .await
+    }
+
+    /// Places a hold (SPEC §12): reserves `amount` of the available credits until it is
+    /// captured, released or expires. Serialised with the user's changes, like a change.
+    ///
+    /// # Errors
+    /// As [`Store::apply`]; `InsufficientCredits` when `amount` exceeds what is available.
+    pub async fn place_hold(&self, hold: &NewHold) -> Result<Applied, StoreError> {
+        let metadata = hold.validate()?;
+        self.committer
+            .apply(Op::Place(hold.clone(), metadata))
+            .await
+    }
+
+    /// Captures, releases or expires the hold `hold_id` (only if it is `owner`'s, when one
+    /// is given); a retry of what was already done is `Replayed`.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown hold, `HoldClosed` for one no longer held, `Invalid` for a
+    /// capture beyond the hold's amount, or the database's errors.
+    pub async fn settle_hold(
+        &self,
+        hold_id: &str,
+        settle: Settle,
+        owner: Option<&str>,
+    ) -> Result<Applied, StoreError> {
+        if let Settle::Capture(Some(amount)) = settle {
+            hold::validate_amount(amount)?;
+        }
+        let user_id = match &self.backend {
+            Backend::Sqlite(db) => db.hold_owner(hold_id).await?,
+            Backend::Postgres(db) => db.hold_owner(hold_id).await?,
+        }
+        .filter(|user_id| owner.is_none_or(|owner| owner == user_id))
+        .ok_or_else(|| StoreError::NotFound(format!("hold {hold_id}")))?;
+        self.committer
+            .apply(Op::Settle {
+                user_id,
+                hold_id: hold_id.to_owned(),
+                settle,
             })
             .await
+    }
+
+    /// The user's active holds, newest first.
+    ///
+    /// # Errors
+    /// `Unavailable`, `Database` or `Corrupt`.
+    pub async fn holds(&self, user_id: &str) -> Result<Vec<Hold>, StoreError> {
+        let now = Utc::now();
+        let rows = match &self.backend {
+            Backend::Sqlite(db) => db.active_holds(user_id, now).await?,
+            Backend::Postgres(db) => db.active_holds(user_id, now).await?,
+        };
+        rows.into_iter()
+            .map(|row| row.into_record().map(|record| record.hold))
+            .collect()
+    }
+
+    /// Expires up to `limit` holds past their `expires_at`, oldest first, and returns how
+    /// many it expired. Several instances may sweep at once: each expiry runs under the
+    /// account lock and checks the hold is still held, so each hold expires exactly once.
+    ///
+    /// # Errors
+    /// `Unavailable` or `Database` when the due holds cannot be read.
+    pub async fn expire_due(&self, limit: u32) -> Result<usize, StoreError> {
+        let due = match &self.backend {
+            Backend::Sqlite(db) => db.due_holds(Utc::now(), limit).await?,
+            Backend::Postgres(db) => db.due_holds(Utc::now(), limit).await?,
+        };
+        let expiries = due.into_iter().map(|(hold_id, user_id)| {
+            self.committer.apply(Op::Settle {
+                user_id,
+                hold_id,
+                settle: Settle::Expire,
+            })
+        });
+        let outcomes = futures::future::join_all(expiries).await;
+        Ok(outcomes
+            .iter()
+            .filter(|outcome| matches!(outcome, Ok(Applied::New(_))))
+            .count())
     }
 
     /// A page of the user's ledger, newest first, strictly older than version `before`.
@@ -261,16 +358,17 @@ impl LedgerRow {
     }
 }
 
-/// A ledger row found by its idempotency key.
+/// A ledger row found by its idempotency key, with the account's held credits after it.
 #[derive(sqlx::FromRow)]
 struct KeyedRow {
     user_id: String,
     idempotency_key: String,
+    held_after: i64,
     #[sqlx(flatten)]
     row: LedgerRow,
 }
 
-/// An account row: balance, version, updated_at.
-type AccountRow = (i64, i64, Option<DateTime<Utc>>);
-/// An account row with its user: user_id, balance, version, updated_at.
-type NamedAccountRow = (String, i64, i64, Option<DateTime<Utc>>);
+/// An account row: balance, held, version, updated_at.
+type AccountRow = (i64, i64, i64, Option<DateTime<Utc>>);
+/// An account row with its user: user_id, balance, held, version, updated_at.
+type NamedAccountRow = (String, i64, i64, i64, Option<DateTime<Utc>>);

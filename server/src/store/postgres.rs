@@ -11,7 +11,8 @@ use sqlx::{
 
 use super::{
     AccountRow, KeyedRow, LedgerRow, NamedAccountRow, StoreError,
-    ledger::{AccountState, Entry, LedgerTx},
+    hold::{HoldRecord, HoldRow},
+    ledger::{AccountState, Entry, LedgerTx, LockedAccount},
 };
 
 /// Connections per instance.
@@ -49,7 +50,7 @@ impl Db {
 
     pub(super) async fn account(&self, user_id: &str) -> Result<Option<AccountRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT balance, version, updated_at FROM credit_accounts WHERE user_id = $1",
+            "SELECT balance, held, version, updated_at FROM credit_accounts WHERE user_id = $1",
         )
         .bind(user_id)
         .fetch_optional(&self.pool)
@@ -61,7 +62,7 @@ impl Db {
         user_ids: &[String],
     ) -> Result<Vec<NamedAccountRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT user_id, balance, version, updated_at FROM credit_accounts \
+            "SELECT user_id, balance, held, version, updated_at FROM credit_accounts \
              WHERE user_id = ANY($1)",
         )
         .bind(user_ids)
@@ -87,6 +88,49 @@ impl Db {
         .await?)
     }
 
+    pub(super) async fn hold_owner(&self, hold_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT user_id FROM credit_holds WHERE id = $1")
+                .bind(hold_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub(super) async fn active_holds(
+        &self,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<HoldRow>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM credit_holds \
+             WHERE user_id = $1 AND status = 'held' AND expires_at > $2 \
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(user_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// `(hold_id, user_id)` of up to `limit` held holds whose expiry has passed.
+    pub(super) async fn due_holds(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id FROM credit_holds WHERE status = 'held' AND expires_at <= $1 \
+             ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -100,14 +144,14 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
     async fn lock_accounts(
         &mut self,
         user_ids: &[&str],
-    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    ) -> Result<Vec<LockedAccount>, sqlx::Error> {
         // The no-op update on conflict takes each row lock, like SELECT … FOR UPDATE, and
         // creates the missing accounts in the same round trip, in the order given.
         sqlx::query_as(
             "INSERT INTO credit_accounts (user_id, balance, version) \
              SELECT id, 0, 0 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY n \
              ON CONFLICT (user_id) DO UPDATE SET version = credit_accounts.version \
-             RETURNING user_id, balance, version",
+             RETURNING user_id, balance, version, held",
         )
         .bind(user_ids)
         .fetch_all(&mut **self)
@@ -117,8 +161,8 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
     async fn find_by_keys(&mut self, keys: &[(&str, &str)]) -> Result<Vec<KeyedRow>, sqlx::Error> {
         let (user_ids, keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         sqlx::query_as(
-            "SELECT t.user_id, t.idempotency_key, t.id, t.amount, t.type, t.metadata, \
-             t.balance_after, t.version, t.created_at \
+            "SELECT t.user_id, t.idempotency_key, t.held_after, t.id, t.amount, t.type, \
+             t.metadata, t.balance_after, t.version, t.created_at \
              FROM UNNEST($1::text[], $2::text[]) AS k(user_id, key) JOIN credit_transactions AS t \
              ON t.user_id = k.user_id AND t.idempotency_key = k.key \
              WHERE t.idempotency_key IS NOT NULL",
@@ -129,9 +173,29 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
         .await
     }
 
+    async fn find_holds(
+        &mut self,
+        ids: &[&str],
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<HoldRow>, sqlx::Error> {
+        let (user_ids, keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        sqlx::query_as(concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM credit_holds WHERE id = ANY($1) \
+             OR (user_id, idempotency_key) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))"
+        ))
+        .bind(ids)
+        .bind(user_ids)
+        .bind(keys)
+        .fetch_all(&mut **self)
+        .await
+    }
+
     async fn append(
         &mut self,
         entries: &[Entry<'_>],
+        holds: &[&HoldRecord],
         accounts: &[AccountState<'_>],
         abandoned: &[&str],
         at: DateTime<Utc>,
@@ -139,34 +203,123 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
         sqlx::query(
             "WITH entry AS ( \
                  INSERT INTO credit_transactions \
-                 (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, created_at) \
+                 (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, \
+                 held_after, created_at) \
                  SELECT *, $9 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], \
-                     $5::text[], $6::text[], $7::int8[], $8::int8[])), \
+                     $5::text[], $6::text[], $7::int8[], $8::int8[], $14::int8[])), \
              abandoned AS ( \
                  DELETE FROM credit_accounts WHERE version = 0 AND user_id = ANY($13::text[])) \
-             UPDATE credit_accounts AS a SET balance = s.balance, version = s.version, updated_at = $9 \
-             FROM UNNEST($10::text[], $11::int8[], $12::int8[]) AS s(user_id, balance, version) \
+             UPDATE credit_accounts AS a \
+             SET balance = s.balance, held = s.held, version = s.version, updated_at = $9 \
+             FROM UNNEST($10::text[], $11::int8[], $12::int8[], $15::int8[]) \
+                 AS s(user_id, balance, version, held) \
              WHERE a.user_id = s.user_id",
         )
-        .bind(entries.iter().map(|e| e.row.id.as_str()).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.row.id.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.row.amount).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.row.kind.as_str()).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.metadata).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.row.kind.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(entries.iter().map(|e| &*e.metadata).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.key).collect::<Vec<_>>())
-        .bind(entries.iter().map(|e| e.row.balance_after).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.row.balance_after)
+                .collect::<Vec<_>>(),
+        )
         .bind(entries.iter().map(|e| e.row.version).collect::<Vec<_>>())
         .bind(at)
         .bind(accounts.iter().map(|a| a.user_id).collect::<Vec<_>>())
         .bind(accounts.iter().map(|a| a.balance).collect::<Vec<_>>())
         .bind(accounts.iter().map(|a| a.version).collect::<Vec<_>>())
         .bind(abandoned)
+        .bind(entries.iter().map(|e| e.held).collect::<Vec<_>>())
+        .bind(accounts.iter().map(|a| a.held).collect::<Vec<_>>())
         .execute(&mut **self)
         .await?;
+        if !holds.is_empty() {
+            write_holds(self, holds).await?;
+        }
         Ok(())
     }
 
     async fn commit(self) -> Result<(), sqlx::Error> {
         sqlx::Transaction::commit(self).await
     }
+}
+
+/// Inserts new holds and updates closed ones, in one statement.
+async fn write_holds(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    holds: &[&HoldRecord],
+) -> Result<(), sqlx::Error> {
+    let column = |f: fn(&HoldRecord) -> Option<i64>| holds.iter().map(|h| f(h)).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO credit_holds (id, user_id, amount, captured, status, metadata, \
+         idempotency_key, created_at, expires_at, version, balance, held, closed_at, \
+         closed_version, closed_balance, closed_held, capture_id) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], \
+             $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::int8[], \
+             $11::int8[], $12::int8[], $13::timestamptz[], $14::int8[], $15::int8[], \
+             $16::int8[], $17::text[]) \
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status, captured = excluded.captured, \
+         closed_at = excluded.closed_at, closed_version = excluded.closed_version, \
+         closed_balance = excluded.closed_balance, closed_held = excluded.closed_held, \
+         capture_id = excluded.capture_id",
+    )
+    .bind(holds.iter().map(|h| h.hold.id.as_str()).collect::<Vec<_>>())
+    .bind(
+        holds
+            .iter()
+            .map(|h| h.hold.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(holds.iter().map(|h| h.hold.amount).collect::<Vec<_>>())
+    .bind(holds.iter().map(|h| h.hold.captured).collect::<Vec<_>>())
+    .bind(
+        holds
+            .iter()
+            .map(|h| h.hold.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        holds
+            .iter()
+            .map(|h| h.metadata.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(holds.iter().map(|h| h.key.as_deref()).collect::<Vec<_>>())
+    .bind(holds.iter().map(|h| h.hold.created_at).collect::<Vec<_>>())
+    .bind(holds.iter().map(|h| h.hold.expires_at).collect::<Vec<_>>())
+    .bind(holds.iter().map(|h| h.placed.version).collect::<Vec<_>>())
+    .bind(holds.iter().map(|h| h.placed.balance).collect::<Vec<_>>())
+    .bind(holds.iter().map(|h| h.placed.held).collect::<Vec<_>>())
+    .bind(
+        holds
+            .iter()
+            .map(|h| h.closed.map(|c| c.at))
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|h| h.closed.map(|c| c.version)))
+    .bind(column(|h| h.closed.map(|c| c.balance)))
+    .bind(column(|h| h.closed.map(|c| c.held)))
+    .bind(
+        holds
+            .iter()
+            .map(|h| h.capture_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

@@ -13,7 +13,8 @@ use crate::owner_only;
 
 use super::{
     AccountRow, KeyedRow, LedgerRow, NamedAccountRow, StoreError,
-    ledger::{AccountState, Entry, LedgerTx},
+    hold::{HoldRecord, HoldRow},
+    ledger::{AccountState, Entry, LedgerTx, LockedAccount},
 };
 
 /// How long a writer waits for another process's write lock before giving up (→ 503).
@@ -75,7 +76,7 @@ impl Db {
 
     pub(super) async fn account(&self, user_id: &str) -> Result<Option<AccountRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT balance, version, updated_at FROM credit_accounts WHERE user_id = ?",
+            "SELECT balance, held, version, updated_at FROM credit_accounts WHERE user_id = ?",
         )
         .bind(user_id)
         .fetch_optional(&self.reader)
@@ -88,7 +89,7 @@ impl Db {
     ) -> Result<Vec<NamedAccountRow>, StoreError> {
         // One statement for any number of ids: the list travels as a JSON array.
         Ok(sqlx::query_as(
-            "SELECT user_id, balance, version, updated_at FROM credit_accounts \
+            "SELECT user_id, balance, held, version, updated_at FROM credit_accounts \
              WHERE user_id IN (SELECT value FROM json_each(?))",
         )
         .bind(json(user_ids)?)
@@ -114,6 +115,49 @@ impl Db {
         .await?)
     }
 
+    pub(super) async fn hold_owner(&self, hold_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT user_id FROM credit_holds WHERE id = ?")
+                .bind(hold_id)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
+    pub(super) async fn active_holds(
+        &self,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<HoldRow>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM credit_holds \
+             WHERE user_id = ? AND status = 'held' AND expires_at > ? \
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(user_id)
+        .bind(stamp(now))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// `(hold_id, user_id)` of up to `limit` held holds whose expiry has passed.
+    pub(super) async fn due_holds(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id FROM credit_holds WHERE status = 'held' AND expires_at <= ? \
+             ORDER BY expires_at LIMIT ?",
+        )
+        .bind(stamp(now))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
@@ -127,13 +171,13 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     async fn lock_accounts(
         &mut self,
         user_ids: &[&str],
-    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    ) -> Result<Vec<LockedAccount>, sqlx::Error> {
         // BEGIN IMMEDIATE already holds the database's write lock; this creates the missing
         // accounts and reads them all back as one JSON row: one handoff to the SQLite thread.
         let accounts: String = sqlx::query_scalar(
             "INSERT INTO credit_accounts (user_id, balance, version) \
              SELECT value, 0, 0 FROM json_each(?1) WHERE true ON CONFLICT (user_id) DO NOTHING; \
-             SELECT json_group_array(json_array(user_id, balance, version)) \
+             SELECT json_group_array(json_array(user_id, balance, version, held)) \
              FROM credit_accounts WHERE user_id IN (SELECT value FROM json_each(?1))",
         )
         .bind(json(user_ids)?)
@@ -144,8 +188,8 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
 
     async fn find_by_keys(&mut self, keys: &[(&str, &str)]) -> Result<Vec<KeyedRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT t.user_id, t.idempotency_key, t.id, t.amount, t.type, t.metadata, \
-             t.balance_after, t.version, t.created_at \
+            "SELECT t.user_id, t.idempotency_key, t.held_after, t.id, t.amount, t.type, \
+             t.metadata, t.balance_after, t.version, t.created_at \
              FROM json_each(?) AS k JOIN credit_transactions AS t \
              ON t.user_id = k.value ->> 0 AND t.idempotency_key = k.value ->> 1 \
              WHERE t.idempotency_key IS NOT NULL",
@@ -155,9 +199,28 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         .await
     }
 
+    async fn find_holds(
+        &mut self,
+        ids: &[&str],
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<HoldRow>, sqlx::Error> {
+        sqlx::query_as(concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM credit_holds WHERE id IN (SELECT value FROM json_each(?1)) \
+             OR id IN (SELECT h.id FROM json_each(?2) AS k JOIN credit_holds AS h \
+             ON h.user_id = k.value ->> 0 AND h.idempotency_key = k.value ->> 1)"
+        ))
+        .bind(json(ids)?)
+        .bind(json(keys)?)
+        .fetch_all(&mut **self)
+        .await
+    }
+
     async fn append(
         &mut self,
         entries: &[Entry<'_>],
+        holds: &[&HoldRecord],
         accounts: &[AccountState<'_>],
         abandoned: &[&str],
         at: DateTime<Utc>,
@@ -172,6 +235,7 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
                     "type": e.row.kind,
                     "metadata": e.metadata,
                     "key": e.key,
+                    "held": e.held,
                     "balance_after": e.row.balance_after,
                     "version": e.row.version,
                 })
@@ -179,18 +243,20 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
             .collect();
         let states: Vec<_> = accounts
             .iter()
-            .map(|a| (a.user_id, a.balance, a.version))
+            .map(|a| (a.user_id, a.balance, a.held, a.version))
             .collect();
         // Both statements in one query: one handoff to the SQLite thread.
         sqlx::query(
             "INSERT INTO credit_transactions \
-             (id, user_id, amount, type, metadata, idempotency_key, balance_after, version, created_at) \
+             (id, user_id, amount, type, metadata, idempotency_key, held_after, balance_after, \
+             version, created_at) \
              SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', value ->> 'type', \
-             value ->> 'metadata', value ->> 'key', value ->> 'balance_after', \
+             value ->> 'metadata', value ->> 'key', value ->> 'held', value ->> 'balance_after', \
              value ->> 'version', ?3 \
              FROM json_each(?1); \
              UPDATE credit_accounts \
-             SET balance = a.value ->> 1, version = a.value ->> 2, updated_at = ?3 \
+             SET balance = a.value ->> 1, held = a.value ->> 2, version = a.value ->> 3, \
+             updated_at = ?3 \
              FROM json_each(?2) AS a WHERE credit_accounts.user_id = a.value ->> 0",
         )
         .bind(json(&rows)?)
@@ -198,9 +264,32 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         .bind(at)
         .execute(&mut **self)
         .await?;
-        // A statement of its own, and only when needed (rare): sqlx fills a statement's
-        // unused lower-numbered parameters from the arguments in turn, so a third statement
-        // would never see a fourth argument.
+        // Statements of their own, and only when needed: sqlx fills a statement's unused
+        // lower-numbered parameters from the arguments in turn, so a third statement would
+        // never see a fourth argument.
+        if !holds.is_empty() {
+            let rows: Vec<_> = holds.iter().map(|h| hold_json(h)).collect();
+            sqlx::query(
+                "INSERT INTO credit_holds (id, user_id, amount, captured, status, metadata, \
+                 idempotency_key, created_at, expires_at, version, balance, held, closed_at, \
+                 closed_version, closed_balance, closed_held, capture_id) \
+                 SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', \
+                 value ->> 'captured', value ->> 'status', value ->> 'metadata', value ->> 'key', \
+                 value ->> 'created_at', value ->> 'expires_at', value ->> 'version', \
+                 value ->> 'balance', value ->> 'held', value ->> 'closed_at', \
+                 value ->> 'closed_version', value ->> 'closed_balance', value ->> 'closed_held', \
+                 value ->> 'capture_id' \
+                 FROM json_each(?1) WHERE true \
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, \
+                 captured = excluded.captured, closed_at = excluded.closed_at, \
+                 closed_version = excluded.closed_version, \
+                 closed_balance = excluded.closed_balance, closed_held = excluded.closed_held, \
+                 capture_id = excluded.capture_id",
+            )
+            .bind(json(&rows)?)
+            .execute(&mut **self)
+            .await?;
+        }
         if !abandoned.is_empty() {
             sqlx::query(
                 "DELETE FROM credit_accounts \
@@ -216,6 +305,36 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     async fn commit(self) -> Result<(), sqlx::Error> {
         sqlx::Transaction::commit(self).await
     }
+}
+
+/// A hold as one JSON object of its columns.
+fn hold_json(record: &HoldRecord) -> serde_json::Value {
+    let hold = &record.hold;
+    let closed = record.closed;
+    serde_json::json!({
+        "id": hold.id,
+        "user_id": hold.user_id,
+        "amount": hold.amount,
+        "captured": hold.captured,
+        "status": hold.status.as_str(),
+        "metadata": record.metadata,
+        "key": record.key,
+        "created_at": stamp(hold.created_at),
+        "expires_at": stamp(hold.expires_at),
+        "version": record.placed.version,
+        "balance": record.placed.balance,
+        "held": record.placed.held,
+        "closed_at": closed.map(|c| stamp(c.at)),
+        "closed_version": closed.map(|c| c.version),
+        "closed_balance": closed.map(|c| c.balance),
+        "closed_held": closed.map(|c| c.held),
+        "capture_id": record.capture_id,
+    })
+}
+
+/// A hold's time as stored: fixed-width RFC 3339, so that text order is time order.
+fn stamp(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
 fn json(value: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {

@@ -22,6 +22,31 @@ pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
 /// The opaque service key of test configurations.
 pub const SERVICE_KEY: &str = "sb_secret_test_service_key_0123456789";
 
+/// Runs one async case against a fresh SQLite file and a fresh PostgreSQL database.
+#[allow(unused_macros)] // not every test binary runs cases on both databases
+macro_rules! on_both_databases {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::TestDb::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)] // not every test binary runs cases on both databases
+pub(crate) use on_both_databases;
+
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
     std::env::var("LIVECREDITS_TEST_POSTGRES")

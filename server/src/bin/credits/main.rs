@@ -3,11 +3,12 @@
 #![allow(clippy::print_stdout)] // printing results is this tool's job
 
 mod bench;
+mod holds;
 mod watch;
 
 use std::{process::ExitCode, time::Duration};
 
-use app::wire::{ChangeRequest, Metadata};
+use app::wire::{ChangeRequest, HoldRequest, Metadata};
 use clap::{Parser, Subcommand};
 use server::auth::jwt::{Claims, Hs256, SERVICE_ROLE, USER_ROLE};
 
@@ -64,6 +65,34 @@ enum Command {
         metadata: Option<String>,
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        service: ServiceAuth,
+    },
+    /// Reserve credits of a user until captured, released or expired (SPEC §12).
+    Hold {
+        user_id: String,
+        amount: i64,
+        /// How long the hold lasts, e.g. 90s, 15m (at most a day).
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// A JSON object stored with the hold and its capture.
+        #[arg(long)]
+        metadata: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        service: ServiceAuth,
+    },
+    /// Take the credits of a hold (all, or `amount`) and release the rest.
+    Capture {
+        hold_id: String,
+        amount: Option<i64>,
+        #[command(flatten)]
+        service: ServiceAuth,
+    },
+    /// Release a hold: its credits are available again.
+    Release {
+        hold_id: String,
         #[command(flatten)]
         service: ServiceAuth,
     },
@@ -132,6 +161,13 @@ impl ServiceAuth {
             ),
         }
     }
+}
+
+/// `--metadata`, which must be a JSON object.
+fn parse_metadata(text: Option<String>) -> Result<Option<Metadata>, Failure> {
+    text.map(|text| serde_json::from_str::<Metadata>(&text))
+        .transpose()
+        .map_err(|err| Failure::usage(format!("--metadata must be a JSON object: {err}")))
 }
 
 fn mint(
@@ -232,20 +268,47 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             idempotency_key,
             service,
         } => {
-            let metadata = metadata
-                .map(|text| serde_json::from_str::<Metadata>(&text))
-                .transpose()
-                .map_err(|err| {
-                    Failure::usage(format!("--metadata must be a JSON object: {err}"))
-                })?;
             let request = ChangeRequest {
                 user_id,
                 amount,
                 kind,
-                metadata,
+                metadata: parse_metadata(metadata)?,
                 idempotency_key,
             };
             watch::simulate(&url, &service.token()?, &request, out).await
+        }
+        Command::Hold {
+            user_id,
+            amount,
+            ttl,
+            metadata,
+            idempotency_key,
+            service,
+        } => {
+            let request = HoldRequest {
+                user_id,
+                amount,
+                ttl_s: Some(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+                metadata: parse_metadata(metadata)?,
+                idempotency_key,
+            };
+            let request = holds::Request::Place(&request);
+            holds::run(&url, &service.token()?, request, out).await
+        }
+        Command::Capture {
+            hold_id,
+            amount,
+            service,
+        } => {
+            let request = holds::Request::Capture {
+                id: &hold_id,
+                amount,
+            };
+            holds::run(&url, &service.token()?, request, out).await
+        }
+        Command::Release { hold_id, service } => {
+            let request = holds::Request::Release { id: &hold_id };
+            holds::run(&url, &service.token()?, request, out).await
         }
         Command::Token {
             user_id,
