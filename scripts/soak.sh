@@ -3,6 +3,8 @@
 # own, 10,000 WebSocket connections with 5 %/s churn and 500 changes/s, while Redis is
 # restarted twice and PostgreSQL cut off for 5 s twice. `credits bench soak` then checks that
 # nothing was lost or left stale and that the servers gave back what the connections took.
+# A 2-minute warm-up soak runs first, so that the baseline the servers must return to is a
+# warm process (pools filled, the allocator at its working size), not a cold one.
 #
 #   scripts/soak.sh [minutes]        (default 32; needs `cargo build --release -p server --bins`)
 set -euo pipefail
@@ -53,8 +55,8 @@ cut_postgres() {
 scripts/services.sh
 psql_admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
 psql_admin "CREATE DATABASE $DB"
-start_redis
 : >"$LOG/faults.log"
+start_redis
 
 for port in "${PORTS[@]}"; do
   LEPTOS_SITE_ADDR=127.0.0.1:$port LEPTOS_SITE_ROOT=target/site \
@@ -68,10 +70,16 @@ for port in "${PORTS[@]}"; do
 done
 
 urls=$(printf 'http://127.0.0.1:%s,' "${PORTS[@]}")
-target/release/credits --url "http://127.0.0.1:${PORTS[0]}" bench soak \
-  --instance "${urls%,}" --server-pid "$(IFS=,; echo "${pids[*]}")" \
-  --secret "$SECRET" --service-token "$SERVICE" --duration "${MINUTES}m" \
-  --sources 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 --prefix soak | tee "$LOG/soak.txt" &
+soak() {
+  target/release/credits --url "http://127.0.0.1:${PORTS[0]}" bench soak \
+    --instance "${urls%,}" --server-pid "$(IFS=,; echo "${pids[*]}")" \
+    --secret "$SECRET" --service-token "$SERVICE" "$@"
+}
+note "warm-up: 2 minutes"
+soak --duration 2m --sources 127.0.0.5,127.0.0.6 --prefix warm | tee "$LOG/warm-up.txt"
+note "soak: $MINUTES minutes"
+soak --duration "${MINUTES}m" --sources 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 --prefix soak \
+  | tee "$LOG/soak.txt" &
 bench=$!
 
 # Faults at 20 %, 35 %, 55 % and 70 % of the run, after the connections are open.

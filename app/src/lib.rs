@@ -3,6 +3,10 @@
 //!
 //! `shell` is the HTML document the server renders around `App`; `frontend` hydrates `App`.
 
+// Leptos views are nested types; the debug page's outgrows rustc's default query depth
+// when hydrating.
+#![recursion_limit = "256"]
+
 pub mod components;
 pub mod credits;
 pub mod pages;

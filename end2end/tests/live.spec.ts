@@ -106,7 +106,7 @@ test("the debug page simulates changes and pages through the ledger", async ({ p
   await page.getByRole("button", { name: "Newer" }).click();
   await expect(rows.first().locator("td").first()).toHaveText("12");
 
-  await page.getByLabel("Amount").fill("-5");
+  await page.getByLabel("Amount", { exact: true }).fill("-5");
   await page.getByLabel("Type").fill("spend");
   await page.getByRole("button", { name: "Apply" }).click();
   await expect(balance(page)).toHaveText("7", { timeout: 1_000 });

@@ -34,7 +34,10 @@ async fn balance_follows_changes() {
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.json(),
-        json!({"user_id": "alice", "balance": 0, "version": 0, "updated_at": null})
+        json!({
+            "user_id": "alice", "balance": 0, "held": 0, "available": 0, "version": 0,
+            "updated_at": null
+        })
     );
 
     let created = apply(&state, change("alice", 250, "purchase")).await;

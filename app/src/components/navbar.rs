@@ -41,23 +41,33 @@ pub fn Navbar() -> impl IntoView {
     }
 }
 
-/// The balance with its connection indicator, a flash per change, and a polite live region
-/// so screen readers hear each change.
+/// The available credits (the balance less any held) with the held amount beside them when
+/// there is one, the connection indicator, a flash per change, and a polite live region so
+/// screen readers hear each change.
 #[component]
 fn Balance() -> impl IntoView {
     let credits = use_credits();
     let health = move || Health::of(credits.status.get(), credits.transport.get());
     let text = move || {
         credits
-            .balance
-            .get()
+            .available()
             .map_or_else(|| "—".to_owned(), thousands)
     };
-    let announcement = move || match (credits.balance.get(), credits.last_change.get()) {
-        (Some(balance), Some((amount, _))) => {
+    let held = move || {
+        let held = credits.held.get();
+        (held > 0).then(|| {
+            view! {
+                <span class="balance-held" data-testid="held" title="Reserved by active holds">
+                    {format!("{} held", thousands(held))}
+                </span>
+            }
+        })
+    };
+    let announcement = move || match (credits.available(), credits.last_change.get()) {
+        (Some(available), Some((amount, _))) => {
             format!(
-                "Balance {} credits ({})",
-                thousands(balance),
+                "{} credits available ({})",
+                thousands(available),
                 signed(amount)
             )
         }
@@ -65,9 +75,10 @@ fn Balance() -> impl IntoView {
     };
 
     view! {
-        <span class="balance" title="Credit balance">
+        <span class="balance" title="Available credits">
             <span class="balance-label">"Credits"</span>
             <span class="balance-value" data-testid="balance">{text}</span>
+            {held}
             {move || {
                 credits
                     .last_change

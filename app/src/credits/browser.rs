@@ -18,12 +18,13 @@ use gloo_timers::future::sleep;
 use leptos::{prelude::*, task::spawn_local};
 
 use super::{
-    Control, CreditContext, PAGE_CONTEXT_ID,
+    Control, CreditContext, HoldAction, PAGE_CONTEXT_ID,
     machine::{Command, Ending, Input, Machine, Transport, Tuning},
 };
 use crate::wire::{
-    ApiError, BalanceEvent, DevCreditRequest, DevLoginRequest, PageContext, PollResponse,
-    SessionInfo, SessionRequest, TransactionPage, WsServerMsg, close,
+    ApiError, BalanceEvent, CaptureRequest, DevCreditRequest, DevHoldRequest, DevLoginRequest,
+    HoldList, PageContext, PollResponse, SessionInfo, SessionRequest, TransactionPage, WsServerMsg,
+    close,
 };
 
 /// How long a long-poll is held by the server.
@@ -122,13 +123,17 @@ impl Driver {
                 self.feed(Input::Stop);
                 self.context.user.set(None);
                 self.context.balance.set(None);
+                self.context.held.set(0);
                 self.context.ledger.set(None);
+                self.context.holds.set(None);
                 spawn_local(sign_out());
             }
             Control::Simulate { amount, kind } => {
                 spawn_local(simulate(self.context, amount, kind));
             }
             Control::LoadLedger { before } => spawn_local(load_ledger(self.context, before)),
+            Control::LoadHolds => spawn_local(load_holds(self.context)),
+            Control::Hold(action) => spawn_local(hold(self.context, action)),
         }
     }
 
@@ -211,14 +216,25 @@ impl Driver {
             return;
         }
         let context = self.context;
+        let before = context
+            .balance
+            .get_untracked()
+            .map(|balance| balance - context.held.get_untracked());
         context.balance.set(Some(event.balance));
+        context.held.set(event.held);
         context.version.set(event.version);
         context.last_update.set(event.updated_at);
-        if let Some(change) = &event.change {
-            let amount = change.amount;
-            context
-                .last_change
-                .update(|last| *last = Some((amount, last.map_or(1, |(_, n)| n + 1))));
+        // A change or a hold flashes what it did to the available credits.
+        if event.change.is_some() || event.hold.is_some() {
+            let moved = before.map_or_else(
+                || event.change.as_ref().map_or(0, |change| change.amount),
+                |before| event.available - before,
+            );
+            if moved != 0 {
+                context
+                    .last_change
+                    .update(|last| *last = Some((moved, last.map_or(1, |(_, n)| n + 1))));
+            }
         }
         context.last_event.set(Some(event));
     }
@@ -418,6 +434,16 @@ async fn post_json<T: serde::Serialize>(url: &str, body: &T) -> Result<Response,
     let request = Request::post(url)
         .json(body)
         .map_err(|err| err.to_string())?;
+    answered(request).await
+}
+
+async fn post_empty(url: &str) -> Result<Response, String> {
+    let request = Request::post(url).build().map_err(|err| err.to_string())?;
+    answered(request).await
+}
+
+/// Sends `request`; a refusal becomes its `ApiError` message.
+async fn answered(request: Request) -> Result<Response, String> {
     let response = request.send().await.map_err(|err| err.to_string())?;
     if response.ok() {
         Ok(response)
@@ -483,4 +509,34 @@ async fn load_ledger(context: CreditContext, before: Option<i64>) {
     {
         context.ledger.set(Some(page));
     }
+}
+
+async fn load_holds(context: CreditContext) {
+    if let Ok(response) = Request::get("/api/credits/holds").send().await
+        && response.ok()
+        && let Ok(list) = response.json::<HoldList>().await
+    {
+        context.holds.set(Some(list.items));
+    }
+}
+
+async fn hold(context: CreditContext, action: HoldAction) {
+    let sent = match action {
+        HoldAction::Place { amount, ttl_s } => {
+            let request = DevHoldRequest {
+                amount,
+                ttl_s: Some(ttl_s),
+            };
+            post_json("/api/dev/holds", &request).await
+        }
+        HoldAction::Capture { id } => {
+            post_json(
+                &format!("/api/dev/holds/{id}/capture"),
+                &CaptureRequest::default(),
+            )
+            .await
+        }
+        HoldAction::Release { id } => post_empty(&format!("/api/dev/holds/{id}/release")).await,
+    };
+    context.notice.set(sent.err());
 }

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use chrono::{DateTime, Utc};
 use leptos::prelude::*;
 
-use crate::wire::{BalanceEvent, PageContext, TransactionPage};
+use crate::wire::{BalanceEvent, Hold, PageContext, TransactionPage};
 use machine::{Input, Mode, Status, Transport};
 
 /// Connection events kept for the debug page.
@@ -48,6 +48,17 @@ pub enum Control {
     LoadLedger {
         before: Option<i64>,
     },
+    LoadHolds,
+    /// Dev mode: place, capture or release a hold on one's own credits.
+    Hold(HoldAction),
+}
+
+/// What the debug page asks of the user's holds in dev mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldAction {
+    Place { amount: i64, ttl_s: i64 },
+    Capture { id: String },
+    Release { id: String },
 }
 
 /// The live balance and connection state, provided at the root by [`CreditProvider`].
@@ -57,7 +68,10 @@ pub struct CreditContext {
     /// How often to try WebSocket again while on SSE or polling.
     pub climb_interval: std::time::Duration,
     pub user: RwSignal<Option<String>>,
+    /// The ledger balance; what may be spent is `balance − held`.
     pub balance: RwSignal<Option<i64>>,
+    /// Credits reserved by active holds (SPEC §12).
+    pub held: RwSignal<i64>,
     pub version: RwSignal<i64>,
     pub transport: RwSignal<Option<Transport>>,
     pub status: RwSignal<Status>,
@@ -70,6 +84,8 @@ pub struct CreditContext {
     pub attempts: RwSignal<u32>,
     pub log: RwSignal<VecDeque<LogEntry>>,
     pub ledger: RwSignal<Option<TransactionPage>>,
+    /// The user's active holds, newest first, once loaded.
+    pub holds: RwSignal<Option<Vec<Hold>>>,
     /// The last action's outcome, for forms.
     pub notice: RwSignal<Option<String>>,
     controls: StoredValue<Option<futures::channel::mpsc::UnboundedSender<Control>>>,
@@ -84,6 +100,7 @@ impl CreditContext {
             climb_interval: std::time::Duration::from_millis(u64::from(page.climb_interval_ms)),
             user: RwSignal::new(session.map(|s| s.user_id.clone())),
             balance: RwSignal::new(snapshot.map(|s| s.balance)),
+            held: RwSignal::new(snapshot.map_or(0, |s| s.held)),
             version: RwSignal::new(snapshot.map_or(0, |s| s.version)),
             transport: RwSignal::new(None),
             status: RwSignal::new(if session.is_some() {
@@ -98,6 +115,7 @@ impl CreditContext {
             attempts: RwSignal::new(0),
             log: RwSignal::new(VecDeque::new()),
             ledger: RwSignal::new(None),
+            holds: RwSignal::new(None),
             notice: RwSignal::new(None),
             controls: StoredValue::new(None),
         }
@@ -110,6 +128,11 @@ impl CreditContext {
                 let _ = controls.unbounded_send(control);
             }
         });
+    }
+
+    /// What may be spent or held: the balance less the held credits.
+    pub fn available(&self) -> Option<i64> {
+        Some(self.balance.get()? - self.held.get())
     }
 
     /// Appends to the bounded connection log.

@@ -1,10 +1,11 @@
 //! The debug page: the connection as the client sees it, buttons that force each transport,
-//! the user's ledger (积分明细) and the connection log; in dev mode, simulated changes.
+//! the user's active holds, ledger (积分明细) and the connection log; in dev mode, simulated
+//! changes and holds.
 
 use leptos::prelude::*;
 
 use crate::credits::{
-    Control, CreditContext,
+    Control, CreditContext, HoldAction,
     format::{signed, thousands},
     machine::{Input, Mode, Transport},
     use_credits,
@@ -23,6 +24,7 @@ pub fn DebugPage() -> impl IntoView {
         <Show when=move || credits.dev_login>
             <Simulate credits />
         </Show>
+        <Holds credits />
         <Ledger credits />
         <EventLog credits />
     }
@@ -107,6 +109,101 @@ fn Simulate(credits: CreditContext) -> impl IntoView {
                 <button type="submit">"Apply"</button>
             </form>
             <p class="notice" role="status">{move || credits.notice.get()}</p>
+        </section>
+    }
+}
+
+/// The active holds with a live countdown to their expiry, reloaded with every version; in
+/// dev mode, a form to place one and buttons to capture or release each.
+#[component]
+fn Holds(credits: CreditContext) -> impl IntoView {
+    let now = RwSignal::new(chrono::Utc::now());
+    Effect::new(move |_| {
+        set_interval(
+            move || now.set(chrono::Utc::now()),
+            std::time::Duration::from_secs(1),
+        );
+    });
+    Effect::new(move |_| {
+        credits.version.track();
+        if credits.user.get().is_some() {
+            credits.send(Control::LoadHolds);
+        }
+    });
+    let amount = RwSignal::new("50".to_owned());
+    let ttl = RwSignal::new("60".to_owned());
+    let place = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        let amount = amount.get_untracked().trim().parse::<i64>();
+        let ttl_s = ttl.get_untracked().trim().parse::<i64>();
+        match (amount, ttl_s) {
+            (Ok(amount), Ok(ttl_s)) => {
+                credits.send(Control::Hold(HoldAction::Place { amount, ttl_s }))
+            }
+            _ => credits.notice.set(Some(
+                "The amount and lifetime must be whole numbers.".into(),
+            )),
+        }
+    };
+    let rows = move || {
+        let now = now.get();
+        credits.holds.get().map(|holds| {
+            holds
+                .into_iter()
+                .map(|hold| {
+                    let left = (hold.expires_at - now).num_seconds().max(0);
+                    let (capture, release) = (hold.id.clone(), hold.id.clone());
+                    view! {
+                        <tr data-testid="hold">
+                            <td class="num">{thousands(hold.amount)}</td>
+                            <td>{hold.expires_at.format("%H:%M:%S").to_string()}</td>
+                            <td class="num" data-testid="hold-countdown">{format!("{left} s")}</td>
+                            <td>
+                                <Show when=move || credits.dev_login>
+                                    <button on:click={
+                                        let id = capture.clone();
+                                        move |_| credits.send(Control::Hold(HoldAction::Capture { id: id.clone() }))
+                                    }>"Capture"</button>
+                                    <button on:click={
+                                        let id = release.clone();
+                                        move |_| credits.send(Control::Hold(HoldAction::Release { id: id.clone() }))
+                                    }>"Release"</button>
+                                </Show>
+                            </td>
+                        </tr>
+                    }
+                })
+                .collect_view()
+        })
+    };
+    view! {
+        <section class="card">
+            <h2>"Holds"</h2>
+            <p>
+                "Held: " <span data-testid="debug-held">{move || thousands(credits.held.get())}</span>
+            </p>
+            <Show when=move || credits.dev_login>
+                <form class="inline" on:submit=place>
+                    <label for="hold-amount">"Hold amount"</label>
+                    <input id="hold-amount" inputmode="numeric" bind:value=amount />
+                    <label for="hold-ttl">"Lifetime (s)"</label>
+                    <input id="hold-ttl" inputmode="numeric" bind:value=ttl />
+                    <button type="submit">"Place hold"</button>
+                </form>
+            </Show>
+            <div class="table-wrap">
+                <table data-testid="holds">
+                    <thead>
+                        <tr>
+                            <th class="num">"Amount"</th>
+                            <th>"Expires (UTC)"</th>
+                            <th class="num">"Left"</th>
+                            <th></th>
+                        </tr>
+                    </thead>
+                    <tbody>{rows}</tbody>
+                </table>
+            </div>
         </section>
     }
 }
