@@ -103,8 +103,9 @@ pub struct BalanceEvent {
     pub updated_at: Option<DateTime<Utc>>,
     /// The ledger row of this version: a change, or the `capture` row of a capture.
     pub change: Option<Change>,
-    /// The hold this version placed, captured, released or expired.
-    pub hold: Option<Hold>,
+    /// The hold this version placed, captured, released or expired (boxed: most events
+    /// carry none).
+    pub hold: Option<Box<Hold>>,
 }
 
 impl BalanceEvent {

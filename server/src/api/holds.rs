@@ -83,7 +83,8 @@ pub fn answer(
     };
     let hold = event
         .hold
-        .clone()
+        .as_deref()
+        .cloned()
         .ok_or_else(|| StoreError::Corrupt("a hold operation without its hold".to_owned()))?;
     let body = Json(HoldResponse { hold, event });
     Ok(if replayed {

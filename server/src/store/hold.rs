@@ -250,7 +250,7 @@ impl HoldRecord {
             version: mark.version,
             updated_at: Some(mark.at),
             change,
-            hold: Some(hold),
+            hold: Some(Box::new(hold)),
         }
     }
 }
