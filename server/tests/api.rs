@@ -572,6 +572,46 @@ async fn database_outage_answers_503_then_recovers() {
     assert_eq!(back.json()["balance"], 10);
 }
 
+/// A database that refuses connections (`ALLOW_CONNECTIONS false`, as an operator or a
+/// failover does) is unavailable, not an internal error: 503, then 201 once it is back
+/// (found by the soak, which saw 500s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_refusing_connections_answers_503() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let state = state(config(&db, &[])).await;
+    assert_eq!(apply(&state, change("alice", 5, "grant")).await.status, 201);
+    let mut admin = sqlx::PgConnection::connect(&common::postgres_admin_url())
+        .await
+        .expect("admin connection");
+    let name = db.postgres_name();
+    for statement in [
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await
+            .expect("cuts");
+    }
+    let down = apply(&state, change("alice", 5, "grant")).await;
+    assert_eq!(
+        (down.status, down.error_code().as_str()),
+        (503, "unavailable")
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("restores");
+    let back = apply(&state, change("alice", 5, "grant")).await;
+    assert_eq!(
+        (back.status, back.json()["balance"].clone()),
+        (201, json!(10))
+    );
+}
+
 /// Listed origins get CORS answers, with credentials; others get none.
 #[tokio::test]
 async fn cors_for_listed_origins_only() {

@@ -87,7 +87,7 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Errors that mean "not now" rather than "never": lost connections, pool exhaustion, a
-/// server shutting down, SQLite's busy lock.
+/// server shutting down or refusing connections, SQLite's busy lock.
 fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_)
@@ -95,6 +95,20 @@ fn is_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
+        // FATAL ends the session: the server refused or dropped the connection (e.g. a
+        // database not accepting connections), whatever the code.
+        sqlx::Error::Database(db)
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }) =>
+        {
+            true
+        }
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // PostgreSQL: connection exceptions (08…), shutdown (57P0…), too many
             // connections (53300); SQLite: BUSY (5) and LOCKED (6) with extended codes.
