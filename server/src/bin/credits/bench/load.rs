@@ -91,80 +91,54 @@ pub async fn changes(
 ) -> Result<(), Failure> {
     let http = reqwest::Client::new();
     let service_token = service.token()?;
-    let user_id = |u: usize| format!("{prefix}-{u}");
     let mut tokens = Vec::with_capacity(users);
     let mut expected = HashMap::new();
     for u in 0..users {
         let token = service
             .secret
-            .user_token(&user_id(u), Duration::from_secs(3600))?;
+            .user_token(&format!("{prefix}-{u}"), Duration::from_secs(3600))?;
         expected.insert(u, balance_of(&http, url, &token).await?.balance);
         tokens.push(token);
     }
-    let next = Arc::new(AtomicUsize::new(0));
     let endpoint = reqwest::Url::parse(&format!("{url}/api/credits/changes"))
         .map_err(|err| Failure::usage(format!("--url: {err}")))?;
-    let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for _ in 0..clients.max(1) {
-        let (http, next, token, endpoint) = (
-            http.clone(),
-            next.clone(),
-            service_token.clone(),
-            endpoint.clone(),
-        );
-        let prefix = prefix.to_owned();
-        tasks.spawn(async move {
-            let mut applied: HashMap<usize, i64> = HashMap::new();
-            let mut failures = 0usize;
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    break;
-                }
-                let (user, amount) = (n % users, 1 + (n % 7) as i64);
-                let request = ChangeRequest {
-                    user_id: format!("{prefix}-{user}"),
-                    amount,
-                    kind: "bench".to_owned(),
-                    metadata: None,
-                    idempotency_key: None,
-                };
-                match http
-                    .post(endpoint.clone())
-                    .bearer_auth(&token)
-                    .json(&request)
-                    .send()
-                    .await
-                {
-                    Ok(response) if response.status() == reqwest::StatusCode::CREATED => {
-                        *applied.entry(user).or_default() += amount;
-                    }
-                    _ => failures += 1,
-                }
-            }
-            (applied, failures)
-        });
-    }
-    let mut failures = 0;
-    while let Some(Ok((applied, failed))) = tasks.join_next().await {
-        failures += failed;
-        for (user, amount) in applied {
-            *expected.entry(user).or_default() += amount;
+    let (client, prefix) = (http.clone(), prefix.to_owned());
+    let run = spread(clients, total, move |n| {
+        let (user, amount) = (n % users, 1 + (n % 7) as i64);
+        let request = ChangeRequest {
+            user_id: format!("{prefix}-{user}"),
+            amount,
+            kind: "bench".to_owned(),
+            metadata: None,
+            idempotency_key: None,
+        };
+        let post = client
+            .post(endpoint.clone())
+            .bearer_auth(&service_token)
+            .json(&request);
+        async move {
+            let response = post.send().await.ok()?;
+            (response.status() == reqwest::StatusCode::CREATED).then_some((user, amount))
         }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let committed = total - failures;
+    })
+    .await;
+    run.add_to(&mut expected);
+    let Run {
+        done,
+        failures,
+        seconds,
+        ..
+    } = run;
     let mismatched = mismatched(&http, url, &tokens, &expected).await?;
     out.line(
         &format!(
-            "changes: {committed} committed in {seconds:.2} s = {:.0}/s with {clients} clients ({failures} failed); final balances {}",
-            committed as f64 / seconds,
+            "changes: {done} committed in {seconds:.2} s = {:.0}/s with {clients} clients ({failures} failed); final balances {}",
+            done as f64 / seconds,
             verdict(mismatched),
         ),
         &json!({
-            "bench": "changes", "committed": committed, "failed": failures, "seconds": seconds,
-            "changes_per_second": committed as f64 / seconds, "clients": clients,
+            "bench": "changes", "committed": done, "failed": failures, "seconds": seconds,
+            "changes_per_second": done as f64 / seconds, "clients": clients,
             "balances_mismatched": mismatched,
         }),
     );
@@ -190,12 +164,12 @@ pub async fn holds(
 ) -> Result<(), Failure> {
     let http = reqwest::Client::new();
     let service_token = service.token()?;
-    let user_id = |u: usize| format!("{prefix}-{u}");
     let mut tokens = Vec::with_capacity(users);
     let mut expected = HashMap::new();
     for u in 0..users {
+        let user_id = format!("{prefix}-{u}");
         let grant = ChangeRequest {
-            user_id: user_id(u),
+            user_id: user_id.clone(),
             amount: HOLDS_GRANT,
             kind: "grant".to_owned(),
             metadata: None,
@@ -215,74 +189,46 @@ pub async fn holds(
         tokens.push(
             service
                 .secret
-                .user_token(&user_id(u), Duration::from_secs(3600))?,
+                .user_token(&user_id, Duration::from_secs(3600))?,
         );
     }
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for _ in 0..clients.max(1) {
-        let (http, next, token, url) = (
-            http.clone(),
-            next.clone(),
-            service_token.clone(),
-            url.to_owned(),
-        );
-        let prefix = prefix.to_owned();
-        tasks.spawn(async move {
-            let mut captured: HashMap<usize, i64> = HashMap::new();
-            let mut failures = 0usize;
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    break;
-                }
-                let (user, amount) = (n % users, 1 + (n % 7) as i64);
-                let request = HoldRequest {
-                    user_id: format!("{prefix}-{user}"),
-                    amount,
-                    ttl_s: Some(60),
-                    metadata: None,
-                    idempotency_key: None,
-                };
-                let placed = http
-                    .post(format!("{url}/api/credits/holds"))
-                    .bearer_auth(&token)
-                    .json(&request)
-                    .send()
-                    .await;
-                let Ok(placed) = placed else {
-                    failures += 1;
-                    continue;
-                };
-                let Ok(HoldResponse { hold, .. }) = placed.json().await else {
-                    failures += 1;
-                    continue;
-                };
-                let capture = http
-                    .post(format!("{url}/api/credits/holds/{}/capture", hold.id))
-                    .bearer_auth(&token)
-                    .send()
-                    .await;
-                match capture {
-                    Ok(response) if response.status() == reqwest::StatusCode::OK => {
-                        *captured.entry(user).or_default() += amount;
-                    }
-                    _ => failures += 1,
-                }
-            }
-            (captured, failures)
-        });
-    }
-    let mut failures = 0;
-    while let Some(Ok((captured, failed))) = tasks.join_next().await {
-        failures += failed;
-        for (user, amount) in captured {
-            *expected.entry(user).or_default() -= amount;
+    let (client, prefix, url_owned) = (http.clone(), prefix.to_owned(), url.to_owned());
+    let run = spread(clients, total, move |n| {
+        let (user, amount) = (n % users, 1 + (n % 7) as i64);
+        let request = HoldRequest {
+            user_id: format!("{prefix}-{user}"),
+            amount,
+            ttl_s: Some(60),
+            metadata: None,
+            idempotency_key: None,
+        };
+        let (client, token, url) = (client.clone(), service_token.clone(), url_owned.clone());
+        async move {
+            let placed = client
+                .post(format!("{url}/api/credits/holds"))
+                .bearer_auth(&token)
+                .json(&request)
+                .send()
+                .await
+                .ok()?;
+            let HoldResponse { hold, .. } = placed.json().await.ok()?;
+            let captured = client
+                .post(format!("{url}/api/credits/holds/{}/capture", hold.id))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .ok()?;
+            (captured.status() == reqwest::StatusCode::OK).then_some((user, -amount))
         }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let done = total - failures;
+    })
+    .await;
+    run.add_to(&mut expected);
+    let Run {
+        done,
+        failures,
+        seconds,
+        ..
+    } = run;
     let mismatched = mismatched(&http, url, &tokens, &expected).await?;
     out.line(
         &format!(
@@ -306,6 +252,63 @@ pub async fn holds(
     Ok(())
 }
 
+/// What [`spread`] did: each user's balance moved by the operations that succeeded.
+struct Run {
+    moved: HashMap<usize, i64>,
+    done: usize,
+    failures: usize,
+    seconds: f64,
+}
+
+impl Run {
+    fn add_to(&self, balances: &mut HashMap<usize, i64>) {
+        for (user, amount) in &self.moved {
+            *balances.entry(*user).or_default() += amount;
+        }
+    }
+}
+
+/// Runs operations `0..total`, `clients` at a time. Each answers the user it moved and by
+/// how much, or `None` when it failed.
+async fn spread<F, Fut>(clients: usize, total: usize, operation: F) -> Run
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Option<(usize, i64)>> + Send + 'static,
+{
+    let (next, operation) = (Arc::new(AtomicUsize::new(0)), Arc::new(operation));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..clients.max(1) {
+        let (next, operation) = (next.clone(), operation.clone());
+        tasks.spawn(async move {
+            let (mut moved, mut failures) = (HashMap::<usize, i64>::new(), 0usize);
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                match operation(n).await {
+                    Some((user, amount)) => *moved.entry(user).or_default() += amount,
+                    None => failures += 1,
+                }
+            }
+            (moved, failures)
+        });
+    }
+    let (mut moved, mut failures) = (HashMap::new(), 0);
+    while let Some(Ok((by_task, failed))) = tasks.join_next().await {
+        failures += failed;
+        for (user, amount) in by_task {
+            *moved.entry(user).or_default() += amount;
+        }
+    }
+    Run {
+        moved,
+        done: total - failures,
+        failures,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
 /// How many users' balances differ from `expected`, or are still holding credits.
 async fn mismatched(
     http: &reqwest::Client,
