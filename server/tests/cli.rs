@@ -113,6 +113,70 @@ fn token_and_simulate() {
     assert!(String::from_utf8_lossy(&via_jwt.stdout).contains("alice is now at 501"));
 }
 
+/// `hold`, `capture` and `release` drive the hold API; a retry says it was replayed and a
+/// closed hold is one line on stderr.
+#[test]
+fn hold_capture_release() {
+    let (_dir, server) = start_server();
+    let url = format!("http://{}", server.addr);
+    let service = ["--url", url.as_str(), "--service-token", SERVICE_KEY];
+    let granted = run(&[&["simulate", "bob", "100", "grant"][..], &service].concat());
+    assert!(granted.status.success(), "{granted:?}");
+
+    let hold = |args: &[&str]| {
+        let output = run(&[args, &service, &["--json"]].concat());
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        serde_json::from_slice::<Value>(&output.stdout).expect("JSON line")
+    };
+    let placed = hold(&[
+        "hold",
+        "bob",
+        "30",
+        "--ttl",
+        "2m",
+        "--idempotency-key",
+        "job-1",
+    ]);
+    assert_eq!(
+        (&placed["event"]["available"], &placed["hold"]["status"]),
+        (&Value::from(70), &Value::from("held"))
+    );
+    let again = hold(&[
+        "hold",
+        "bob",
+        "30",
+        "--ttl",
+        "2m",
+        "--idempotency-key",
+        "job-1",
+    ]);
+    assert_eq!(
+        (&again["hold"], &again["replayed"]),
+        (&placed["hold"], &Value::from(true))
+    );
+    let id = placed["hold"]["id"].as_str().expect("id").to_owned();
+    let captured = hold(&["capture", &id, "12"]);
+    assert_eq!(
+        (
+            &captured["event"]["balance"],
+            &captured["event"]["available"]
+        ),
+        (&Value::from(88), &Value::from(88))
+    );
+
+    let text = run(&[&["capture", &id][..], &service].concat());
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("12 captured of 30"),
+        "{text:?}"
+    );
+    let second = hold(&["hold", "bob", "10"]);
+    let second_id = second["hold"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(hold(&["release", &second_id])["hold"]["status"], "released");
+    let closed = run(&[&["release", &id][..], &service].concat());
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(stderr_line(&closed).contains("captured"));
+}
+
 /// `ws`, `sse` and `poll` print the snapshot and then each change with its delay.
 #[test]
 fn watchers_print_updates() {
