@@ -334,7 +334,7 @@ fn keyed<'a>(user_id: &'a str, key: &'a Option<String>) -> Option<(&'a str, &'a 
 
 /// The ledger row of a capture, which leaves `account` as it is now.
 fn capture_entry<'a>(user_id: &'a str, change: app::wire::Change, account: &Account) -> Entry<'a> {
-    let metadata = serde_json::to_string(&change.metadata).unwrap_or_else(|_| "{}".to_owned());
+    let metadata = serde_json::Value::from(change.metadata.clone()).to_string();
     Entry {
         user_id,
         key: None,
