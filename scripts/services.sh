@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes sure the test suite's outside services are there: Debian's Chromium, and PostgreSQL
-# and Redis on their standard local ports (installed and started when absent).
+# Makes sure the test suite's outside services are there: Debian's Chromium with a CJK font,
+# and PostgreSQL and Redis on their standard local ports (installed and started when absent).
 set -euo pipefail
 
 step() { printf '==> %s\n' "$*"; }
@@ -28,6 +28,9 @@ wait_for() {
 }
 
 [[ -x /usr/bin/chromium ]] || apt_install chromium
+# A CJK font, so the debug page's "积分明细" renders in the screenshots instead of boxes
+# (WenQuanYi Micro Hei: 5 MB, against 90 MB for Noto CJK).
+dpkg -s fonts-wqy-microhei >/dev/null 2>&1 || apt_install fonts-wqy-microhei
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   if ! compgen -G "/etc/postgresql/*/main" >/dev/null; then
