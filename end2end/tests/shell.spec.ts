@@ -9,6 +9,16 @@ test("the start page is server-rendered and hydrates", async ({ page }) => {
   await expectHydrated(page);
 });
 
+test("the start page says who is signed in, rendered on the server", async ({ page }) => {
+  await page.goto("/");
+  await expect(page.getByTestId("home-user")).toContainText("Sign in to see your balance");
+  const response = await page.request.post("/api/dev/login", { data: { user_id: "home-user" } });
+  expect(response.status()).toBe(200);
+  await page.route("**/*.wasm", (route) => route.abort());
+  await page.goto("/");
+  await expect(page.getByTestId("home-user")).toHaveText(/^Signed in as home-user\./);
+});
+
 test("the page hydrates under its Content-Security-Policy, with no violation", async ({ page }) => {
   await page.addInitScript(() => {
     const seen: string[] = [];
