@@ -9,7 +9,8 @@ use crate::credits::use_credits;
 #[component]
 pub fn HomePage() -> impl IntoView {
     let credits = use_credits();
-    let next = move || match credits.user.get() {
+    let next = move || {
+        match credits.user.get() {
         Some(user) => view! {
             <p data-testid="home-user">
                 "Signed in as " <strong>{user}</strong> ". Open the " <a href="/debug">"debug page"</a>
@@ -24,6 +25,7 @@ pub fn HomePage() -> impl IntoView {
             </p>
         }
         .into_any(),
+    }
     };
     view! {
         <section class="card">
