@@ -220,10 +220,15 @@ impl HoldRecord {
         self.event(self.placed, None, hold)
     }
 
-    /// The event of closing the hold; `None` while it is held.
-    pub fn closed_event(&self) -> Option<BalanceEvent> {
-        let closed = self.closed?;
-        Some(self.event(closed, self.capture_change(), self.hold.clone()))
+    /// The event of closing the hold.
+    ///
+    /// # Errors
+    /// `Corrupt` for a hold that was never closed.
+    pub fn closed_event(&self) -> Result<BalanceEvent, StoreError> {
+        let closed = self
+            .closed
+            .ok_or_else(|| StoreError::Corrupt(format!("hold {} has no closing", self.hold.id)))?;
+        Ok(self.event(closed, self.capture_change(), self.hold.clone()))
     }
 
     /// The ledger row of a capture: the hold's metadata plus `hold_id`.

@@ -206,8 +206,9 @@ pub(super) async fn apply(
                     outcomes.push(change.replay(earlier.clone(), *held).map(Applied::Replayed));
                     continue;
                 }
-                match change.next_balance(account.balance, account.held) {
-                    Ok(balance_after) => {
+                change
+                    .next_balance(account.balance, account.held)
+                    .map(|balance_after| {
                         account.balance = balance_after;
                         let mark = account.bump(at);
                         let row = Transaction {
@@ -230,10 +231,8 @@ pub(super) async fn apply(
                             held: mark.held,
                             row,
                         });
-                        Ok(Applied::New(event))
-                    }
-                    Err(refused) => Err(refused),
-                }
+                        Applied::New(event)
+                    })
             }
             Op::Place(request, metadata) => {
                 let slot = request
@@ -266,18 +265,13 @@ pub(super) async fn apply(
                 user_id,
                 hold_id,
                 settle,
-            } => match holds
+            } => holds
                 .get_mut(hold_id)
-                .filter(|r| &r.hold.user_id == user_id)
-            {
-                None => Err(StoreError::NotFound(format!("hold {hold_id}"))),
-                Some(record) => match record.settle(*settle, at) {
-                    Err(refused) => Err(refused),
-                    Ok(Outcome::Replay) => record
-                        .closed_event()
-                        .map(Applied::Replayed)
-                        .ok_or_else(|| StoreError::Corrupt(format!("hold {hold_id}"))),
-                    Ok(Outcome::Close { status, captured }) => {
+                .filter(|record| &record.hold.user_id == user_id)
+                .ok_or_else(|| StoreError::NotFound(format!("hold {hold_id}")))
+                .and_then(|record| match record.settle(*settle, at)? {
+                    Outcome::Replay => record.closed_event().map(Applied::Replayed),
+                    Outcome::Close { status, captured } => {
                         account.held -= record.hold.amount;
                         account.balance -= captured;
                         record.close(status, captured, account.bump(at));
@@ -285,13 +279,9 @@ pub(super) async fn apply(
                             entries.push(capture_entry(user_id, change, account));
                         }
                         written.push(hold_id.clone());
-                        record
-                            .closed_event()
-                            .map(Applied::New)
-                            .ok_or_else(|| StoreError::Corrupt(format!("hold {hold_id}")))
+                        record.closed_event().map(Applied::New)
                     }
-                },
-            },
+                }),
         };
         outcomes.push(outcome);
     }

@@ -80,15 +80,42 @@ pub(super) async fn balance_of(
         .map_err(|err| Failure::other(format!("unexpected balance answer: {err}")))
 }
 
-pub async fn changes(
-    url: &str,
+/// How many changes or holds a load benchmark applies, by how many clients, over how many
+/// users.
+#[derive(clap::Args)]
+pub struct Load {
+    #[arg(long, default_value_t = 32)]
     clients: usize,
+    #[arg(long, default_value_t = 10_000)]
     total: usize,
+    #[arg(long, default_value_t = 100)]
     users: usize,
-    prefix: &str,
-    service: &ServiceAuth,
-    out: Output,
-) -> Result<(), Failure> {
+    /// Prefix of the user ids (default: bench-changes or bench-holds).
+    #[arg(long)]
+    prefix: Option<String>,
+    #[command(flatten)]
+    service: ServiceAuth,
+}
+
+impl Load {
+    fn check(&self) -> Result<(), Failure> {
+        super::check(
+            self.total <= 1_000_000 && self.users > 0,
+            "--total is limited to 1,000,000 and --users must be at least 1",
+        )
+    }
+}
+
+pub async fn changes(url: &str, load: &Load, out: Output) -> Result<(), Failure> {
+    load.check()?;
+    let Load {
+        clients,
+        total,
+        users,
+        ref service,
+        ..
+    } = *load;
+    let prefix = load.prefix.as_deref().unwrap_or("bench-changes");
     let http = reqwest::Client::new();
     let service_token = service.token()?;
     let mut tokens = Vec::with_capacity(users);
@@ -122,14 +149,13 @@ pub async fn changes(
         }
     })
     .await;
-    run.add_to(&mut expected);
+    let mismatched = run.mismatched(&http, url, &tokens, expected).await?;
     let Run {
         done,
         failures,
         seconds,
         ..
     } = run;
-    let mismatched = mismatched(&http, url, &tokens, &expected).await?;
     out.line(
         &format!(
             "changes: {done} committed in {seconds:.2} s = {:.0}/s with {clients} clients ({failures} failed); final balances {}",
@@ -153,15 +179,16 @@ pub async fn changes(
 /// Credits each user of the holds benchmark starts with.
 const HOLDS_GRANT: i64 = 1_000_000;
 
-pub async fn holds(
-    url: &str,
-    clients: usize,
-    total: usize,
-    users: usize,
-    prefix: &str,
-    service: &ServiceAuth,
-    out: Output,
-) -> Result<(), Failure> {
+pub async fn holds(url: &str, load: &Load, out: Output) -> Result<(), Failure> {
+    load.check()?;
+    let Load {
+        clients,
+        total,
+        users,
+        ref service,
+        ..
+    } = *load;
+    let prefix = load.prefix.as_deref().unwrap_or("bench-holds");
     let http = reqwest::Client::new();
     let service_token = service.token()?;
     let mut tokens = Vec::with_capacity(users);
@@ -222,14 +249,13 @@ pub async fn holds(
         }
     })
     .await;
-    run.add_to(&mut expected);
+    let mismatched = run.mismatched(&http, url, &tokens, expected).await?;
     let Run {
         done,
         failures,
         seconds,
         ..
     } = run;
-    let mismatched = mismatched(&http, url, &tokens, &expected).await?;
     out.line(
         &format!(
             "holds: {done} placed and captured in {seconds:.2} s = {:.0}/s ({:.0} operations/s) with {clients} clients ({failures} failed); final balances {}",
@@ -261,10 +287,26 @@ struct Run {
 }
 
 impl Run {
-    fn add_to(&self, balances: &mut HashMap<usize, i64>) {
+    /// How many users' balances differ from where they started (`start`) plus what this run
+    /// moved, or still hold credits.
+    async fn mismatched(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+        tokens: &[String],
+        mut start: HashMap<usize, i64>,
+    ) -> Result<usize, Failure> {
         for (user, amount) in &self.moved {
-            *balances.entry(*user).or_default() += amount;
+            *start.entry(*user).or_default() += amount;
         }
+        let mut mismatched = 0;
+        for (u, token) in tokens.iter().enumerate() {
+            let snapshot = balance_of(http, url, token).await?;
+            if snapshot.balance != start[&u] || snapshot.held != 0 {
+                mismatched += 1;
+            }
+        }
+        Ok(mismatched)
     }
 }
 
@@ -309,23 +351,6 @@ where
         seconds: started.elapsed().as_secs_f64(),
     }
 }
-/// How many users' balances differ from `expected`, or are still holding credits.
-async fn mismatched(
-    http: &reqwest::Client,
-    url: &str,
-    tokens: &[String],
-    expected: &HashMap<usize, i64>,
-) -> Result<usize, Failure> {
-    let mut mismatched = 0;
-    for (u, token) in tokens.iter().enumerate() {
-        let snapshot = balance_of(http, url, token).await?;
-        if snapshot.balance != expected[&u] || snapshot.held != 0 {
-            mismatched += 1;
-        }
-    }
-    Ok(mismatched)
-}
-
 fn verdict(mismatched: usize) -> String {
     if mismatched == 0 {
         "all equal their sums".to_owned()

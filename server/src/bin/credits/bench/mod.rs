@@ -78,33 +78,11 @@ pub enum Bench {
     },
     /// K concurrent clients commit N changes over U users: changes/s, then every final
     /// balance is checked against the sum of its changes.
-    Changes {
-        #[arg(long, default_value_t = 32)]
-        clients: usize,
-        #[arg(long, default_value_t = 10_000)]
-        total: usize,
-        #[arg(long, default_value_t = 100)]
-        users: usize,
-        #[arg(long, default_value = "bench-changes")]
-        prefix: String,
-        #[command(flatten)]
-        service: ServiceAuth,
-    },
+    Changes(load::Load),
     /// K concurrent clients each place a hold and capture it, N times over U users:
     /// holds placed and captured per second, then every balance is checked against the
     /// captures.
-    Holds {
-        #[arg(long, default_value_t = 32)]
-        clients: usize,
-        #[arg(long, default_value_t = 10_000)]
-        total: usize,
-        #[arg(long, default_value_t = 100)]
-        users: usize,
-        #[arg(long, default_value = "bench-holds")]
-        prefix: String,
-        #[command(flatten)]
-        service: ServiceAuth,
-    },
+    Holds(load::Load),
     /// U users × C WebSocket connections spread over the instances, R changes/s and P % of
     /// the connections reopened each second for D, while faults are injected from outside
     /// (scripts/soak.sh): then nothing acknowledged may be lost, no open connection stale,
@@ -221,32 +199,8 @@ impl Bench {
                 )?;
                 load::poll(url, pollers, duration, &secret, out).await?;
             }
-            Self::Changes {
-                clients,
-                total,
-                users,
-                prefix,
-                service,
-            } => {
-                check(
-                    total <= 1_000_000 && users > 0,
-                    "--total is limited to 1,000,000",
-                )?;
-                load::changes(url, clients, total, users, &prefix, &service, out).await?;
-            }
-            Self::Holds {
-                clients,
-                total,
-                users,
-                prefix,
-                service,
-            } => {
-                check(
-                    total <= 1_000_000 && users > 0,
-                    "--total is limited to 1,000,000",
-                )?;
-                load::holds(url, clients, total, users, &prefix, &service, out).await?;
-            }
+            Self::Changes(load) => load::changes(url, &load, out).await?,
+            Self::Holds(load) => load::holds(url, &load, out).await?,
             Self::Soak {
                 users,
                 per_user,
