@@ -244,19 +244,19 @@ impl Store {
         if let Settle::Capture(Some(amount)) = settle {
             hold::validate_amount(amount)?;
         }
-        let user_id = match &self.backend {
-            Backend::Sqlite(db) => db.hold_owner(hold_id).await?,
-            Backend::Postgres(db) => db.hold_owner(hold_id).await?,
+        match owner {
+            // The hold is looked up under `owner`'s lock; someone else's is `NotFound` there.
+            Some(owner) => {
+                self.committer
+                    .apply(Op::Settle {
+                        user_id: owner.to_owned(),
+                        hold_id: hold_id.to_owned(),
+                        settle,
+                    })
+                    .await
+            }
+            None => self.committer.settle(hold_id.to_owned(), settle).await,
         }
-        .filter(|user_id| owner.is_none_or(|owner| owner == user_id))
-        .ok_or_else(|| StoreError::NotFound(format!("hold {hold_id}")))?;
-        self.committer
-            .apply(Op::Settle {
-                user_id,
-                hold_id: hold_id.to_owned(),
-                settle,
-            })
-            .await
     }
 
     /// The user's active holds, newest first.

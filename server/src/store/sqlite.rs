@@ -3,7 +3,8 @@
 
 use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
 use sqlx::{
     Sqlite, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -115,13 +116,17 @@ impl Db {
         .await?)
     }
 
-    pub(super) async fn hold_owner(&self, hold_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT user_id FROM credit_holds WHERE id = ?")
-                .bind(hold_id)
-                .fetch_optional(&self.reader)
-                .await?,
+    /// `(hold_id, user_id)` of those of `hold_ids` that exist.
+    pub(super) async fn hold_owners(
+        &self,
+        hold_ids: &[&str],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id FROM credit_holds WHERE id IN (SELECT value FROM json_each(?))",
         )
+        .bind(json(hold_ids)?)
+        .fetch_all(&self.reader)
+        .await?)
     }
 
     pub(super) async fn active_holds(
@@ -166,7 +171,9 @@ impl Db {
 
 impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     // Lists travel as one JSON array bound to one parameter, so each step is one prepared
-    // statement whatever the batch size.
+    // statement whatever the batch size. `jsonb_each` where fields are read from each
+    // element: it hands the element over parsed, where `json_each` gives text that every
+    // `->>` would parse again.
 
     async fn lock_accounts(
         &mut self,
@@ -190,7 +197,7 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         sqlx::query_as(
             "SELECT t.user_id, t.idempotency_key, t.held_after, t.id, t.amount, t.type, \
              t.metadata, t.balance_after, t.version, t.created_at \
-             FROM json_each(?) AS k JOIN credit_transactions AS t \
+             FROM jsonb_each(?) AS k JOIN credit_transactions AS t \
              ON t.user_id = k.value ->> 0 AND t.idempotency_key = k.value ->> 1 \
              WHERE t.idempotency_key IS NOT NULL",
         )
@@ -208,7 +215,7 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
             "SELECT ",
             hold_columns!(),
             " FROM credit_holds WHERE id IN (SELECT value FROM json_each(?1)) \
-             OR id IN (SELECT h.id FROM json_each(?2) AS k JOIN credit_holds AS h \
+             OR id IN (SELECT h.id FROM jsonb_each(?2) AS k JOIN credit_holds AS h \
              ON h.user_id = k.value ->> 0 AND h.idempotency_key = k.value ->> 1)"
         ))
         .bind(json(ids)?)
@@ -225,80 +232,55 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
         abandoned: &[&str],
         at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        let rows: Vec<_> = entries
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "id": e.row.id,
-                    "user_id": e.user_id,
-                    "amount": e.row.amount,
-                    "type": e.row.kind,
-                    "metadata": e.metadata,
-                    "key": e.key,
-                    "held": e.held,
-                    "balance_after": e.row.balance_after,
-                    "version": e.row.version,
-                })
-            })
-            .collect();
-        let states: Vec<_> = accounts
-            .iter()
-            .map(|a| (a.user_id, a.balance, a.held, a.version))
-            .collect();
-        // Both statements in one query: one handoff to the SQLite thread.
+        // sqlx's own text for a time, as binding `at` would store it.
+        let at = at.to_rfc3339_opts(SecondsFormat::AutoSi, false);
+        let batch = Batch {
+            rows: entries.iter().map(|e| RowJson::new(e, &at)).collect(),
+            states: accounts
+                .iter()
+                .map(|a| (a.user_id, a.balance, a.held, a.version, at.as_str()))
+                .collect(),
+            holds: holds.iter().map(|h| HoldJson::new(h)).collect(),
+            abandoned,
+        };
+        // Every write of the batch in one query (one handoff to the SQLite thread), all of it
+        // in the one parameter ?1: sqlx binds a statement's unnumbered slots below its highest
+        // parameter from the arguments in turn, so a later statement using only ?2 could be
+        // left without its argument. Each column comes from its element, so no statement
+        // reads the whole document once per row.
         sqlx::query(
             "INSERT INTO credit_transactions \
              (id, user_id, amount, type, metadata, idempotency_key, held_after, balance_after, \
              version, created_at) \
              SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', value ->> 'type', \
              value ->> 'metadata', value ->> 'key', value ->> 'held', value ->> 'balance_after', \
-             value ->> 'version', ?3 \
-             FROM json_each(?1); \
+             value ->> 'version', value ->> 'at' \
+             FROM jsonb_each(?1, '$.rows'); \
              UPDATE credit_accounts \
              SET balance = a.value ->> 1, held = a.value ->> 2, version = a.value ->> 3, \
-             updated_at = ?3 \
-             FROM json_each(?2) AS a WHERE credit_accounts.user_id = a.value ->> 0",
+             updated_at = a.value ->> 4 \
+             FROM jsonb_each(?1, '$.states') AS a WHERE credit_accounts.user_id = a.value ->> 0; \
+             INSERT INTO credit_holds (id, user_id, amount, captured, status, metadata, \
+             idempotency_key, created_at, expires_at, version, balance, held, closed_at, \
+             closed_version, closed_balance, closed_held, capture_id) \
+             SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', \
+             value ->> 'captured', value ->> 'status', value ->> 'metadata', value ->> 'key', \
+             value ->> 'created_at', value ->> 'expires_at', value ->> 'version', \
+             value ->> 'balance', value ->> 'held', value ->> 'closed_at', \
+             value ->> 'closed_version', value ->> 'closed_balance', value ->> 'closed_held', \
+             value ->> 'capture_id' \
+             FROM jsonb_each(?1, '$.holds') WHERE true \
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, \
+             captured = excluded.captured, closed_at = excluded.closed_at, \
+             closed_version = excluded.closed_version, \
+             closed_balance = excluded.closed_balance, closed_held = excluded.closed_held, \
+             capture_id = excluded.capture_id; \
+             DELETE FROM credit_accounts WHERE version = 0 \
+             AND user_id IN (SELECT value FROM json_each(?1, '$.abandoned'))",
         )
-        .bind(json(&rows)?)
-        .bind(json(&states)?)
-        .bind(at)
+        .bind(json(&batch)?)
         .execute(&mut **self)
         .await?;
-        // Statements of their own, and only when needed: sqlx fills a statement's unused
-        // lower-numbered parameters from the arguments in turn, so a third statement would
-        // never see a fourth argument.
-        if !holds.is_empty() {
-            let rows: Vec<_> = holds.iter().map(|h| hold_json(h)).collect();
-            sqlx::query(
-                "INSERT INTO credit_holds (id, user_id, amount, captured, status, metadata, \
-                 idempotency_key, created_at, expires_at, version, balance, held, closed_at, \
-                 closed_version, closed_balance, closed_held, capture_id) \
-                 SELECT value ->> 'id', value ->> 'user_id', value ->> 'amount', \
-                 value ->> 'captured', value ->> 'status', value ->> 'metadata', value ->> 'key', \
-                 value ->> 'created_at', value ->> 'expires_at', value ->> 'version', \
-                 value ->> 'balance', value ->> 'held', value ->> 'closed_at', \
-                 value ->> 'closed_version', value ->> 'closed_balance', value ->> 'closed_held', \
-                 value ->> 'capture_id' \
-                 FROM json_each(?1) WHERE true \
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, \
-                 captured = excluded.captured, closed_at = excluded.closed_at, \
-                 closed_version = excluded.closed_version, \
-                 closed_balance = excluded.closed_balance, closed_held = excluded.closed_held, \
-                 capture_id = excluded.capture_id",
-            )
-            .bind(json(&rows)?)
-            .execute(&mut **self)
-            .await?;
-        }
-        if !abandoned.is_empty() {
-            sqlx::query(
-                "DELETE FROM credit_accounts \
-                 WHERE version = 0 AND user_id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(json(abandoned)?)
-            .execute(&mut **self)
-            .await?;
-        }
         Ok(())
     }
 
@@ -307,34 +289,100 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     }
 }
 
-/// A hold as one JSON object of its columns.
-fn hold_json(record: &HoldRecord) -> serde_json::Value {
-    let hold = &record.hold;
-    let closed = record.closed;
-    serde_json::json!({
-        "id": hold.id,
-        "user_id": hold.user_id,
-        "amount": hold.amount,
-        "captured": hold.captured,
-        "status": hold.status.as_str(),
-        "metadata": record.metadata,
-        "key": record.key,
-        "created_at": stamp(hold.created_at),
-        "expires_at": stamp(hold.expires_at),
-        "version": record.placed.version,
-        "balance": record.placed.balance,
-        "held": record.placed.held,
-        "closed_at": closed.map(|c| stamp(c.at)),
-        "closed_version": closed.map(|c| c.version),
-        "closed_balance": closed.map(|c| c.balance),
-        "closed_held": closed.map(|c| c.held),
-        "capture_id": record.capture_id,
-    })
+/// What the append query reads from its one parameter.
+#[derive(Serialize)]
+struct Batch<'a> {
+    rows: Vec<RowJson<'a>>,
+    /// `(user_id, balance, held, version, updated_at)`
+    states: Vec<(&'a str, i64, i64, i64, &'a str)>,
+    holds: Vec<HoldJson<'a>>,
+    abandoned: &'a [&'a str],
 }
 
-/// A hold's time as stored: fixed-width RFC 3339, so that text order is time order.
+/// A ledger row, by column.
+#[derive(Serialize)]
+struct RowJson<'a> {
+    id: &'a str,
+    user_id: &'a str,
+    amount: i64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    metadata: &'a str,
+    key: Option<&'a str>,
+    held: i64,
+    balance_after: i64,
+    version: i64,
+    at: &'a str,
+}
+
+impl<'a> RowJson<'a> {
+    fn new(entry: &'a Entry<'_>, at: &'a str) -> Self {
+        Self {
+            id: &entry.row.id,
+            user_id: entry.user_id,
+            amount: entry.row.amount,
+            kind: &entry.row.kind,
+            metadata: &entry.metadata,
+            key: entry.key,
+            held: entry.held,
+            balance_after: entry.row.balance_after,
+            version: entry.row.version,
+            at,
+        }
+    }
+}
+
+/// A hold row, by column.
+#[derive(Serialize)]
+struct HoldJson<'a> {
+    id: &'a str,
+    user_id: &'a str,
+    amount: i64,
+    captured: i64,
+    status: &'static str,
+    metadata: &'a str,
+    key: Option<&'a str>,
+    created_at: String,
+    expires_at: String,
+    version: i64,
+    balance: i64,
+    held: i64,
+    closed_at: Option<String>,
+    closed_version: Option<i64>,
+    closed_balance: Option<i64>,
+    closed_held: Option<i64>,
+    capture_id: Option<&'a str>,
+}
+
+impl<'a> HoldJson<'a> {
+    fn new(record: &'a HoldRecord) -> Self {
+        let (hold, closed) = (&record.hold, record.closed);
+        Self {
+            id: &hold.id,
+            user_id: &hold.user_id,
+            amount: hold.amount,
+            captured: hold.captured,
+            status: hold.status.as_str(),
+            metadata: &record.metadata,
+            key: record.key.as_deref(),
+            created_at: stamp(hold.created_at),
+            expires_at: stamp(hold.expires_at),
+            version: record.placed.version,
+            balance: record.placed.balance,
+            held: record.placed.held,
+            closed_at: closed.map(|c| stamp(c.at)),
+            closed_version: closed.map(|c| c.version),
+            closed_balance: closed.map(|c| c.balance),
+            closed_held: closed.map(|c| c.held),
+            capture_id: record.capture_id.as_deref(),
+        }
+    }
+}
+
+/// A hold's time as stored: fixed-width RFC 3339 (microseconds, `Z`), so that text order is
+/// time order.
 fn stamp(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 fn json(value: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {
