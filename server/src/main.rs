@@ -6,6 +6,12 @@ use server::{AppState, Config, shutdown};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, because connections come and go by the thousand: glibc's malloc grew the heap
+/// 60 % over a soak and never returned it, where jemalloc purges freed pages in the
+/// background (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
