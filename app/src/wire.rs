@@ -470,29 +470,121 @@ pub enum WsClientMsg {
     },
 }
 
+/// Every route path of the API and the realtime transports (SPEC §5), written once so the
+/// server's routers, the browser, the CLI and the tests cannot drift apart. Paths with an
+/// `{id}` segment are axum route patterns; clients fill them in with [`paths::with_id`].
+pub mod paths {
+    /// WebSocket of balance events.
+    pub const WS: &str = "/ws";
+    /// Server-Sent Events of balance events; also served on lean connections, by path.
+    pub const SSE: &str = "/api/credits/sse";
+    /// The snapshot, or a long-poll with `version` and `wait`.
+    pub const POLL: &str = "/api/credits/balance/poll";
+    /// The user's balance snapshot.
+    pub const BALANCE: &str = "/api/credits/balance";
+    /// The user's ledger, newest first.
+    pub const TRANSACTIONS: &str = "/api/credits/transactions";
+    /// Balance changes, by a service.
+    pub const CHANGES: &str = "/api/credits/changes";
+    /// Holds: placed by a service, listed by their user (SPEC §12).
+    pub const HOLDS: &str = "/api/credits/holds";
+    /// Captures a hold.
+    pub const HOLD_CAPTURE: &str = "/api/credits/holds/{id}/capture";
+    /// Releases a hold.
+    pub const HOLD_RELEASE: &str = "/api/credits/holds/{id}/release";
+    /// Sign in with a token (sets the session cookie), or sign out.
+    pub const SESSION: &str = "/api/session";
+    /// Dev mode: sign in as anyone.
+    pub const DEV_LOGIN: &str = "/api/dev/login";
+    /// Dev mode: a change to the caller's own balance.
+    pub const DEV_CREDITS: &str = "/api/dev/credits";
+    /// Dev mode: a hold on the caller's own credits.
+    pub const DEV_HOLDS: &str = "/api/dev/holds";
+    /// Dev mode: captures one of the caller's holds.
+    pub const DEV_HOLD_CAPTURE: &str = "/api/dev/holds/{id}/capture";
+    /// Dev mode: releases one of the caller's holds.
+    pub const DEV_HOLD_RELEASE: &str = "/api/dev/holds/{id}/release";
+    /// Liveness.
+    pub const HEALTHZ: &str = "/healthz";
+    /// Readiness, for load balancers.
+    pub const READYZ: &str = "/readyz";
+    /// Prometheus metrics.
+    pub const METRICS: &str = "/metrics";
+
+    /// `route` (one of the `{id}` paths) for the hold `id`.
+    pub fn with_id(route: &str, id: &str) -> String {
+        route.replace("{id}", id)
+    }
+}
+
 /// How live connections end (SPEC §5): WebSocket close codes and SSE terminal events, each
-/// with what a client should do next.
+/// with what a client should do next. [`advice`] is that meaning in code, so the browser
+/// machine and the CLI react alike.
 pub mod close {
-    /// The client kept sending malformed or unknown frames: fix the client, do not resend.
+    /// The client kept sending malformed or unknown frames: fix the client, do not resend
+    /// ([`Advice::FixClient`]).
     pub const POLICY: u16 = 1008;
-    /// A client frame was over 4 KiB: fix the client, do not resend.
+    /// A client frame was over 4 KiB: fix the client, do not resend ([`Advice::FixClient`]).
     pub const TOO_BIG: u16 = 1009;
-    /// The server is restarting: reconnect after a short jittered delay, to any instance.
+    /// The server is restarting: reconnect after a short jittered delay, to any instance
+    /// ([`Advice::Reconnect`]).
     pub const RESTARTING: u16 = 1012;
-    /// The ledger could not be read for the snapshot: reconnect with backoff.
+    /// The ledger could not be read for the snapshot: reconnect with backoff
+    /// ([`Advice::BackOff`]).
     pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// The token expired: re-authenticate, then reconnect.
+    /// The token expired: re-authenticate, then reconnect ([`Advice::SignIn`]).
     pub const TOKEN_EXPIRED: u16 = 4001;
-    /// The page's origin may not use the session cookie: do not retry from this origin.
+    /// The page's origin may not use the session cookie: do not retry from this origin
+    /// ([`Advice::Stop`]).
     pub const FORBIDDEN_ORIGIN: u16 = 4003;
     /// A token sent in-band belongs to another user or to a service: do not retry with it;
-    /// reconnect with a token for the intended user.
+    /// only a token for the intended user may connect again ([`Advice::Stop`]).
     pub const FORBIDDEN_CREDENTIAL: u16 = 4003;
-    /// The user (or instance) has too many connections: back off before retrying.
+    /// The user (or instance) has too many connections: back off before retrying
+    /// ([`Advice::SlowDown`]).
     pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+    /// Never sent by a server: browsers report it when the connection dropped without a
+    /// close frame. Reconnect with backoff ([`Advice::BackOff`]).
+    pub const ABNORMAL: u16 = 1006;
     /// SSE event sent just before the stream ends because the token expired, with data
-    /// `{"error":"token_expired"}`: re-authenticate, then reconnect.
+    /// `{"error":"token_expired"}`: re-authenticate, then reconnect ([`Advice::SignIn`]).
     pub const SSE_AUTH_EXPIRED: &str = "auth_expired";
+
+    /// What a client should do after a connection ended.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Advice {
+        /// Reconnect soon, after a short random delay that spreads clients over the
+        /// remaining instances.
+        Reconnect,
+        /// Reconnect with exponential backoff: the cause may pass.
+        BackOff,
+        /// The server is at a limit for this user or instance: back off longer than after a
+        /// plain failure.
+        SlowDown,
+        /// Get a fresh token (sign in again), then reconnect.
+        SignIn,
+        /// Do not reconnect from this origin or with this credential: retrying cannot help.
+        Stop,
+        /// The client sent a frame the server will not take: never send it again.
+        /// Reconnecting without it is allowed, with backoff so a bug cannot become a tight
+        /// loop.
+        FixClient,
+    }
+
+    /// The advice for WebSocket close `code`. A code this server never sends (a proxy's, or
+    /// a newer server's) is a failure that may pass: back off.
+    pub fn advice(code: u16) -> Advice {
+        match code {
+            RESTARTING => Advice::Reconnect,
+            TOO_MANY_CONNECTIONS => Advice::SlowDown,
+            TOKEN_EXPIRED => Advice::SignIn,
+            // Also `FORBIDDEN_CREDENTIAL`: one code, and the same advice.
+            FORBIDDEN_ORIGIN => Advice::Stop,
+            POLICY | TOO_BIG => Advice::FixClient,
+            // `TRY_AGAIN_LATER`, `ABNORMAL` and every other code.
+            _ => Advice::BackOff,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -810,5 +902,41 @@ mod tests {
         ] {
             assert!(serde_json::from_value::<WsClientMsg>(bad).is_err());
         }
+    }
+
+    /// Every close code maps to the advice its doc comment states; 1006 and codes this
+    /// server never sends back off.
+    #[test]
+    fn close_code_advice() {
+        use close::{Advice, advice};
+        for (code, expected) in [
+            (close::POLICY, Advice::FixClient),
+            (close::TOO_BIG, Advice::FixClient),
+            (close::RESTARTING, Advice::Reconnect),
+            (close::TRY_AGAIN_LATER, Advice::BackOff),
+            (close::TOKEN_EXPIRED, Advice::SignIn),
+            (close::FORBIDDEN_ORIGIN, Advice::Stop),
+            (close::FORBIDDEN_CREDENTIAL, Advice::Stop),
+            (close::TOO_MANY_CONNECTIONS, Advice::SlowDown),
+            (close::ABNORMAL, Advice::BackOff),
+            (1000, Advice::BackOff),
+            (1011, Advice::BackOff),
+            (4999, Advice::BackOff),
+        ] {
+            assert_eq!(advice(code), expected, "close code {code}");
+        }
+    }
+
+    /// A hold's capture and release paths are its route patterns with the id filled in.
+    #[test]
+    fn hold_paths_with_id() {
+        assert_eq!(
+            paths::with_id(paths::HOLD_CAPTURE, "h1"),
+            "/api/credits/holds/h1/capture"
+        );
+        assert_eq!(
+            paths::with_id(paths::DEV_HOLD_RELEASE, "h2"),
+            "/api/dev/holds/h2/release"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! balancer keeps an instance whose polling and local delivery still work) or 503 when the
 //! ledger is unreachable.
 
+use app::wire::paths;
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde_json::{Value, json};
 
@@ -10,8 +11,8 @@ use crate::AppState;
 /// `GET /healthz` and `GET /readyz`.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route(paths::HEALTHZ, get(healthz))
+        .route(paths::READYZ, get(readyz))
 }
 
 async fn healthz() -> Json<Value> {

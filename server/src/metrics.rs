@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use app::wire::paths;
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use chrono::Utc;
 use prometheus_client::{
@@ -187,7 +188,7 @@ impl Metrics {
 
 /// `GET /metrics`.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(metrics))
+    Router::new().route(paths::METRICS, get(metrics))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -17,8 +17,22 @@ use crate::{
 };
 
 /// Middleware for the page routes: puts the request's `PageContext` in its extensions,
-/// where the Leptos app reads it while rendering.
+/// where the Leptos app reads it while rendering. Every request for a page route gets it,
+/// whatever its `Accept` says, so `curl` (`*/*`) sees the page a browser sees.
 pub async fn with_page_context(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let context = page_context(&state, request.headers()).await;
+    request.extensions_mut().insert(context);
+    next.run(request).await
+}
+
+/// Middleware for paths no route matches: a static file (`/pkg/…`) or the not-found page.
+/// The path cannot tell which, so only a request for HTML gets the `PageContext`, and static
+/// files skip the cookie check and the database read.
+pub async fn with_not_found_context(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
@@ -30,7 +44,6 @@ pub async fn with_page_context(
     next.run(request).await
 }
 
-/// Static files (`/pkg/…`) skip the cookie check and the database read.
 fn wants_html(method: &Method, headers: &HeaderMap) -> bool {
     method == Method::GET
         && headers

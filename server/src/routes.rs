@@ -4,6 +4,7 @@ use app::{App, shell, wire::ErrorCode};
 use axum::{
     Router,
     extract::{Request, State},
+    handler::Handler,
     http::{HeaderValue, Method, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -23,16 +24,21 @@ use crate::{
 
 /// The whole application: API, health, the Leptos pages and static files.
 pub fn router(state: AppState) -> Router {
+    // Pages get the session by route; unmatched paths (static files, the not-found page)
+    // only when they ask for HTML.
+    let not_found = leptos_axum::file_and_error_handler::<AppState, _>(shell).layer(
+        middleware::from_fn_with_state(state.clone(), pages::with_not_found_context),
+    );
     let site = Router::new()
         .leptos_routes(&state, generate_route_list(App), {
             let options = state.leptos.clone();
             move || shell(options.clone())
         })
-        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
-        .layer(middleware::from_fn_with_state(
+        .route_layer(middleware::from_fn_with_state(
             state.clone(),
             pages::with_page_context,
         ))
+        .fallback(not_found)
         .layer(middleware::from_fn(security::page_headers));
     // Applied to the API and realtime routes together so a wrong method on any of them,
     // `/api/credits/sse` included, answers an `ApiError` rather than an empty 405.

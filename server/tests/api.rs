@@ -3,6 +3,7 @@
 
 mod common;
 
+use app::wire::paths;
 use axum::{
     body::Body,
     http::{Method, Request},
@@ -22,7 +23,7 @@ async fn sqlite_state(overrides: &[(&str, &str)]) -> (TestDb, AppState) {
 }
 
 async fn apply(state: &AppState, body: String) -> Answer {
-    send(state, post("/api/credits/changes", Some(SERVICE_KEY), body)).await
+    send(state, post(paths::CHANGES, Some(SERVICE_KEY), body)).await
 }
 
 /// The balance of a new user, then after a change, for that user only.
@@ -30,7 +31,7 @@ async fn apply(state: &AppState, body: String) -> Answer {
 async fn balance_follows_changes() {
     let (_db, state) = sqlite_state(&[]).await;
     let alice = user_token("alice");
-    let answer = send(&state, get("/api/credits/balance", Some(&alice))).await;
+    let answer = send(&state, get(paths::BALANCE, Some(&alice))).await;
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.json(),
@@ -50,13 +51,9 @@ async fn balance_follows_changes() {
     );
     assert_eq!(event["change"]["type"], "purchase");
 
-    let answer = send(&state, get("/api/credits/balance", Some(&alice))).await;
+    let answer = send(&state, get(paths::BALANCE, Some(&alice))).await;
     assert_eq!(answer.json()["balance"], 250);
-    let bob = send(
-        &state,
-        get("/api/credits/balance", Some(&user_token("bob"))),
-    )
-    .await;
+    let bob = send(&state, get(paths::BALANCE, Some(&user_token("bob")))).await;
     assert_eq!(bob.json()["balance"], 0);
 }
 
@@ -115,7 +112,7 @@ async fn token_attacks_are_refused() {
         ("service key as user", Some(SERVICE_KEY.into()), 403),
     ];
     for (name, token, status) in cases {
-        let answer = send(&state, get("/api/credits/balance", token.as_deref())).await;
+        let answer = send(&state, get(paths::BALANCE, token.as_deref())).await;
         assert_eq!(answer.status, status, "{name}");
         let code = if status == 401 {
             "unauthorized"
@@ -128,9 +125,7 @@ async fn token_attacks_are_refused() {
     // Within the 5 s leeway a just-expired token still passes; beyond it, it does not.
     let fresh = sign(claims(now_plus(-2)), Algorithm::HS256, &secret);
     assert_eq!(
-        send(&state, get("/api/credits/balance", Some(&fresh)))
-            .await
-            .status,
+        send(&state, get(paths::BALANCE, Some(&fresh))).await.status,
         200
     );
 
@@ -138,27 +133,20 @@ async fn token_attacks_are_refused() {
     let body = change("alice", 1, "grant");
     let as_user = send(
         &state,
-        post(
-            "/api/credits/changes",
-            Some(&user_token("alice")),
-            body.clone(),
-        ),
+        post(paths::CHANGES, Some(&user_token("alice")), body.clone()),
     )
     .await;
     assert_eq!(
         (as_user.status, as_user.error_code().as_str()),
         (403, "forbidden")
     );
-    let anonymous = send(&state, post("/api/credits/changes", None, body.clone())).await;
+    let anonymous = send(&state, post(paths::CHANGES, None, body.clone())).await;
     assert_eq!(anonymous.status, 401);
     // Both service credentials are accepted.
     assert_eq!(
-        send(
-            &state,
-            post("/api/credits/changes", Some(&service_jwt()), body)
-        )
-        .await
-        .status,
+        send(&state, post(paths::CHANGES, Some(&service_jwt()), body))
+            .await
+            .status,
         201
     );
 }
@@ -189,17 +177,9 @@ async fn audience_is_checked_when_configured() {
             &secret,
         )
     };
-    let ok = send(
-        &state,
-        get("/api/credits/balance", Some(&token("authenticated"))),
-    )
-    .await;
+    let ok = send(&state, get(paths::BALANCE, Some(&token("authenticated")))).await;
     assert_eq!(ok.status, 200);
-    let other = send(
-        &state,
-        get("/api/credits/balance", Some(&token("someone-else"))),
-    )
-    .await;
+    let other = send(&state, get(paths::BALANCE, Some(&token("someone-else")))).await;
     assert_eq!(other.status, 401);
 }
 
@@ -210,11 +190,11 @@ async fn token_from_query_and_cookie() {
     let token = user_token("alice");
     let by_query = send(
         &state,
-        get(&format!("/api/credits/balance?token={token}"), None),
+        get(&format!("{}?token={token}", paths::BALANCE), None),
     )
     .await;
     assert_eq!(by_query.json()["user_id"], "alice");
-    let by_cookie = Request::get("/api/credits/balance")
+    let by_cookie = Request::get(paths::BALANCE)
         .header("cookie", format!("theme=dark; livecredits_session={token}"))
         .body(Body::empty())
         .expect("request");
@@ -339,11 +319,7 @@ async fn change_refusals() {
         "{field}"
     );
 
-    let balance = send(
-        &state,
-        get("/api/credits/balance", Some(&user_token("alice"))),
-    )
-    .await;
+    let balance = send(&state, get(paths::BALANCE, Some(&user_token("alice")))).await;
     assert_eq!(
         (
             balance.json()["balance"].as_i64(),
@@ -352,7 +328,7 @@ async fn change_refusals() {
         (Some(100), Some(1))
     );
 
-    let no_content_type = Request::post("/api/credits/changes")
+    let no_content_type = Request::post(paths::CHANGES)
         .header("authorization", format!("Bearer {SERVICE_KEY}"))
         .body(Body::from(change("alice", 1, "grant")))
         .expect("request");
@@ -381,11 +357,7 @@ async fn idempotent_replay_over_http() {
         (conflict.status, conflict.error_code().as_str()),
         (409, "idempotency_conflict")
     );
-    let balance = send(
-        &state,
-        get("/api/credits/balance", Some(&user_token("alice"))),
-    )
-    .await;
+    let balance = send(&state, get(paths::BALANCE, Some(&user_token("alice")))).await;
     assert_eq!(balance.json()["balance"], 30);
 }
 
@@ -399,7 +371,7 @@ async fn transactions_listing() {
     let alice = user_token("alice");
     let page = send(
         &state,
-        get("/api/credits/transactions?limit=2", Some(&alice)),
+        get(&format!("{}?limit=2", paths::TRANSACTIONS), Some(&alice)),
     )
     .await
     .json();
@@ -408,13 +380,16 @@ async fn transactions_listing() {
     assert_eq!(page["next_before"], 2);
     let rest = send(
         &state,
-        get("/api/credits/transactions?limit=2&before=2", Some(&alice)),
+        get(
+            &format!("{}?limit=2&before=2", paths::TRANSACTIONS),
+            Some(&alice),
+        ),
     )
     .await
     .json();
     assert_eq!(rest["items"][0]["version"], 1);
     assert_eq!(rest["next_before"], json!(null));
-    let default = send(&state, get("/api/credits/transactions", Some(&alice)))
+    let default = send(&state, get(paths::TRANSACTIONS, Some(&alice)))
         .await
         .json();
     assert_eq!(default["items"].as_array().map(Vec::len), Some(3));
@@ -429,7 +404,7 @@ async fn transactions_listing() {
     ] {
         let answer = send(
             &state,
-            get(&format!("/api/credits/transactions?{query}"), Some(&alice)),
+            get(&format!("{}?{query}", paths::TRANSACTIONS), Some(&alice)),
         )
         .await;
         assert_eq!(
@@ -448,7 +423,7 @@ async fn dev_sign_in_and_own_credits() {
     let login = send(
         &state,
         post(
-            "/api/dev/login",
+            paths::DEV_LOGIN,
             None,
             json!({"user_id": "dev-user"}).to_string(),
         ),
@@ -469,7 +444,7 @@ async fn dev_sign_in_and_own_credits() {
     let token = body["token"].as_str().expect("token").to_owned();
 
     let session = cookie.split(';').next().expect("name=value").to_owned();
-    let spend = Request::post("/api/dev/credits")
+    let spend = Request::post(paths::DEV_CREDITS)
         .header("cookie", &session)
         .header("content-type", "application/json")
         .body(Body::from(
@@ -479,7 +454,7 @@ async fn dev_sign_in_and_own_credits() {
     let event = send(&state, spend).await;
     assert_eq!(event.status, 201);
     assert_eq!(event.json()["user_id"], "dev-user");
-    let balance = send(&state, get("/api/credits/balance", Some(&token))).await;
+    let balance = send(&state, get(paths::BALANCE, Some(&token))).await;
     assert_eq!(balance.json()["balance"], 40);
 
     // The generated secret is kept, so a restarted instance accepts the same session.
@@ -496,7 +471,7 @@ async fn dev_sign_in_and_own_credits() {
     ))
     .await;
     assert_eq!(
-        send(&restarted, get("/api/credits/balance", Some(&token)))
+        send(&restarted, get(paths::BALANCE, Some(&token)))
             .await
             .status,
         200
@@ -504,14 +479,14 @@ async fn dev_sign_in_and_own_credits() {
 
     let bad = send(
         &state,
-        post("/api/dev/login", None, json!({"user_id": ""}).to_string()),
+        post(paths::DEV_LOGIN, None, json!({"user_id": ""}).to_string()),
     )
     .await;
     assert_eq!(bad.status, 422);
     let anonymous = send(
         &state,
         post(
-            "/api/dev/credits",
+            paths::DEV_CREDITS,
             None,
             json!({"amount": 1, "type": "grant"}).to_string(),
         ),
@@ -525,8 +500,8 @@ async fn dev_sign_in_and_own_credits() {
 async fn dev_routes_are_404_outside_dev_mode() {
     let (_db, state) = sqlite_state(&[]).await;
     for uri in [
-        "/api/dev/login",
-        "/api/dev/credits",
+        paths::DEV_LOGIN,
+        paths::DEV_CREDITS,
         "/api/nothing-here",
         "/api/",
         "/api",
@@ -557,18 +532,14 @@ async fn database_outage_answers_503_then_recovers() {
         (down.status, down.error_code().as_str()),
         (503, "unavailable")
     );
-    let read = send(
-        &state,
-        get("/api/credits/balance", Some(&user_token("alice"))),
-    )
-    .await;
+    let read = send(&state, get(paths::BALANCE, Some(&user_token("alice")))).await;
     assert_eq!(read.status, 503);
     assert!(started.elapsed() < std::time::Duration::from_secs(8));
 
     proxy.restore().await;
     let back = apply(&state, change("alice", 5, "grant")).await;
     assert_eq!(back.status, 201);
-    assert_eq!(send(&state, get("/readyz", None)).await.status, 200);
+    assert_eq!(send(&state, get(paths::READYZ, None)).await.status, 200);
     assert_eq!(back.json()["balance"], 10);
 }
 
@@ -620,7 +591,7 @@ async fn cors_for_listed_origins_only() {
         ("https://app.example", true),
         ("https://evil.example", false),
     ] {
-        let preflight = Request::options("/api/credits/balance")
+        let preflight = Request::options(paths::BALANCE)
             .header("origin", origin)
             .header("access-control-request-method", "GET")
             .header("access-control-request-headers", "authorization")
@@ -649,18 +620,18 @@ async fn tokens_not_yet_valid_are_refused() {
             &secret,
         )
     };
-    let early = send(&state, get("/api/credits/balance", Some(&token(60)))).await;
+    let early = send(&state, get(paths::BALANCE, Some(&token(60)))).await;
     assert_eq!(
         (early.status, early.error_code().as_str()),
         (401, "unauthorized")
     );
-    let skewed = send(&state, get("/api/credits/balance", Some(&token(2)))).await;
+    let skewed = send(&state, get(paths::BALANCE, Some(&token(2)))).await;
     assert_eq!(skewed.status, 200);
 }
 
 /// The balance and version of `user`, read over the API.
 async fn balance_of(state: &AppState, user: &str) -> (Option<i64>, Option<i64>) {
-    let body = send(state, get("/api/credits/balance", Some(&user_token(user))))
+    let body = send(state, get(paths::BALANCE, Some(&user_token(user))))
         .await
         .json();
     (body["balance"].as_i64(), body["version"].as_i64())
@@ -696,7 +667,7 @@ async fn amounts_beyond_i64_are_out_of_range() {
             ("changes", apply(&state, service).await),
             (
                 "dev",
-                send(&state, post("/api/dev/credits", Some(&alice), own)).await,
+                send(&state, post(paths::DEV_CREDITS, Some(&alice), own)).await,
             ),
         ];
         for (route, answer) in answers {
@@ -723,17 +694,17 @@ async fn non_object_bodies_are_bad_json() {
     let alice = user_token("alice");
     let cases = [
         (
-            "/api/credits/changes",
+            paths::CHANGES,
             Some(SERVICE_KEY),
             r#"["alice", 5, "grant"]"#.to_owned(),
         ),
         (
-            "/api/dev/credits",
+            paths::DEV_CREDITS,
             Some(alice.as_str()),
             r#"[5, "grant"]"#.to_owned(),
         ),
-        ("/api/dev/login", None, r#"["alice"]"#.to_owned()),
-        ("/api/session", None, json!([alice]).to_string()),
+        (paths::DEV_LOGIN, None, r#"["alice"]"#.to_owned()),
+        (paths::SESSION, None, json!([alice]).to_string()),
     ];
     for (uri, bearer, array) in &cases {
         for body in [array.as_str(), r#""alice""#, "5", "null", "true", " \n[]"] {
@@ -757,13 +728,13 @@ async fn non_object_bodies_are_bad_json() {
 async fn wrong_method_is_405_api_error() {
     let (_db, state) = sqlite_state(&[]).await;
     let cases = [
-        (Method::DELETE, "/api/credits/balance", "GET"),
-        (Method::PUT, "/api/credits/changes", "POST"),
-        (Method::GET, "/api/credits/changes", "POST"),
-        (Method::POST, "/api/credits/transactions", "GET"),
-        (Method::POST, "/api/credits/sse", "GET"),
-        (Method::DELETE, "/api/credits/balance/poll", "GET"),
-        (Method::PATCH, "/api/session", "DELETE"),
+        (Method::DELETE, paths::BALANCE, "GET"),
+        (Method::PUT, paths::CHANGES, "POST"),
+        (Method::GET, paths::CHANGES, "POST"),
+        (Method::POST, paths::TRANSACTIONS, "GET"),
+        (Method::POST, paths::SSE, "GET"),
+        (Method::DELETE, paths::POLL, "GET"),
+        (Method::PATCH, paths::SESSION, "DELETE"),
     ];
     for (method, uri, allowed) in cases {
         let request = Request::builder()

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use app::wire::paths;
 use common::{SERVICE_KEY, TestDb, process::ServerProcess, user_token};
 use futures::{StreamExt, stream};
 use serde_json::{Value, json};
@@ -88,7 +89,7 @@ enum Before {
 
 async fn send(http: &reqwest::Client, addr: &str, change: &Change) -> reqwest::Result<Answer> {
     let response = http
-        .post(format!("http://{addr}/api/credits/changes"))
+        .post(format!("http://{addr}{}", paths::CHANGES))
         .bearer_auth(SERVICE_KEY)
         .json(&change.body())
         .send()
@@ -113,9 +114,10 @@ async fn send(http: &reqwest::Client, addr: &str, change: &Change) -> reqwest::R
 async fn write_raw(stream: &mut TcpStream, change: &Change) {
     let body = change.body().to_string();
     let request = format!(
-        "POST /api/credits/changes HTTP/1.1\r\nhost: localhost\r\n\
+        "POST {} HTTP/1.1\r\nhost: localhost\r\n\
          authorization: Bearer {SERVICE_KEY}\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n\r\n{body}",
+        paths::CHANGES,
         body.len()
     );
     stream
@@ -166,7 +168,7 @@ async fn ledger(http: &reqwest::Client, addr: &str, user: &str) -> Vec<Value> {
     let mut rows = Vec::new();
     let mut before: Option<i64> = None;
     loop {
-        let mut url = format!("http://{addr}/api/credits/transactions?limit=100");
+        let mut url = format!("http://{addr}{}?limit=100", paths::TRANSACTIONS);
         if let Some(before) = before {
             url.push_str(&format!("&before={before}"));
         }
@@ -357,7 +359,7 @@ async fn crash_and_resend(database: &str, dir: &std::path::Path) {
         let sum: i64 = own.iter().map(|change| change.amount).sum();
         let snapshot = get_json(
             &http,
-            format!("http://{}/api/credits/balance", server.addr),
+            format!("http://{}{}", server.addr, paths::BALANCE),
             user,
         )
         .await;

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use app::wire::paths;
 use common::{SERVICE_KEY, process::ServerProcess, user_token};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -122,7 +123,7 @@ async fn stalled_connections_cannot_starve_real_clients() {
 
     let answer = timeout_at(
         connected + Duration::from_secs(15),
-        reqwest::get(url(&server, "/healthz")),
+        reqwest::get(url(&server, paths::HEALTHZ)),
     )
     .await;
     let answered = connected.elapsed();
@@ -304,7 +305,7 @@ async fn browser_security_headers() {
     let second = page_nonce(&http, &server).await;
     assert_ne!(first, second, "a fresh nonce for every page");
 
-    for (path, status) in [("/healthz", 200), ("/api/credits/balance", 401), ("/", 200)] {
+    for (path, status) in [(paths::HEALTHZ, 200), (paths::BALANCE, 401), ("/", 200)] {
         let response = http.get(url(&server, path)).send().await.expect("answer");
         assert_eq!(response.status(), status, "{path}");
         let headers = response.headers();
@@ -316,7 +317,7 @@ async fn browser_security_headers() {
     }
 
     let (_dir, https) = start(&[("LIVECREDITS_PUBLIC_URL", PUBLIC_URL)]);
-    for path in ["/healthz", "/api/credits/balance", "/"] {
+    for path in [paths::HEALTHZ, paths::BALANCE, "/"] {
         let response = http
             .get(url(&https, path))
             .header("accept", "text/html")
@@ -341,7 +342,7 @@ async fn browser_security_headers() {
 /// The `Set-Cookie` header of a dev sign-in as `alice`.
 async fn dev_login_cookie(server: &ServerProcess) -> String {
     let response = reqwest::Client::new()
-        .post(url(server, "/api/dev/login"))
+        .post(url(server, paths::DEV_LOGIN))
         .json(&json!({"user_id": "alice"}))
         .send()
         .await
@@ -383,7 +384,7 @@ async fn session_cookie_is_secure_behind_https() {
 
 /// Opens `/ws` on `server` with `headers`; the first frame's JSON, or the close code.
 async fn ws_first(server: &ServerProcess, headers: &[(&str, &str)]) -> Result<Value, Option<u16>> {
-    let mut request = format!("ws://{}/ws", server.addr)
+    let mut request = format!("ws://{}{}", server.addr, paths::WS)
         .into_client_request()
         .expect("request");
     for (name, value) in headers {
@@ -439,7 +440,7 @@ async fn control_characters_in_idempotency_keys_are_refused() {
     let http = reqwest::Client::new();
     for key in ["a\u{0}b", "x\ny", "\u{7f}", "tab\there", "\u{1f}"] {
         let response = http
-            .post(url(&server, "/api/credits/changes"))
+            .post(url(&server, paths::CHANGES))
             .bearer_auth(SERVICE_KEY)
             .json(
                 &json!({"user_id": "alice", "amount": 5, "type": "grant", "idempotency_key": key}),

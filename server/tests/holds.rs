@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use app::wire::paths;
 use common::{
     Answer, SERVICE_KEY, TestDb, change, config, get, live::TestServer, on_both_databases, post,
     send, state, user_token,
@@ -30,13 +31,13 @@ on_both_databases!(
 async fn place(state: &AppState, body: Value) -> Answer {
     send(
         state,
-        post("/api/credits/holds", Some(SERVICE_KEY), body.to_string()),
+        post(paths::HOLDS, Some(SERVICE_KEY), body.to_string()),
     )
     .await
 }
 
 async fn settle(state: &AppState, id: &str, action: &str, body: Option<Value>) -> Answer {
-    let uri = format!("/api/credits/holds/{id}/{action}");
+    let uri = format!("{}/{id}/{action}", paths::HOLDS);
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut request = post(&uri, Some(SERVICE_KEY), body.clone());
     if body.is_empty() {
@@ -49,7 +50,7 @@ async fn grant(state: &AppState, user: &str, amount: i64) {
     let answer = send(
         state,
         post(
-            "/api/credits/changes",
+            paths::CHANGES,
             Some(SERVICE_KEY),
             change(user, amount, "grant"),
         ),
@@ -59,7 +60,7 @@ async fn grant(state: &AppState, user: &str, amount: i64) {
 }
 
 async fn balance(state: &AppState, user: &str) -> Value {
-    send(state, get("/api/credits/balance", Some(&user_token(user))))
+    send(state, get(paths::BALANCE, Some(&user_token(user))))
         .await
         .json()
 }
@@ -107,7 +108,7 @@ async fn place_then_capture_part(db: TestDb) {
     let spend = send(
         &state,
         post(
-            "/api/credits/changes",
+            paths::CHANGES,
             Some(SERVICE_KEY),
             change("ann", -71, "spend"),
         ),
@@ -122,9 +123,9 @@ async fn place_then_capture_part(db: TestDb) {
         (&now["balance"], &now["held"], &now["available"]),
         (&json!(100), &json!(30), &json!(70))
     );
-    let listed = send(&state, get("/api/credits/holds", Some(&user_token("ann")))).await;
+    let listed = send(&state, get(paths::HOLDS, Some(&user_token("ann")))).await;
     assert_eq!(listed.json()["items"], json!([hold]));
-    let others = send(&state, get("/api/credits/holds", Some(&user_token("bob")))).await;
+    let others = send(&state, get(paths::HOLDS, Some(&user_token("bob")))).await;
     assert_eq!(others.json()["items"], json!([]));
 
     let captured = settle(&state, &id, "capture", Some(json!({"amount": 12}))).await;
@@ -153,11 +154,7 @@ async fn place_then_capture_part(db: TestDb) {
         event["change"]["metadata"],
         json!({"job": "render-7", "hold_id": id})
     );
-    let ledger = send(
-        &state,
-        get("/api/credits/transactions", Some(&user_token("ann"))),
-    )
-    .await;
+    let ledger = send(&state, get(paths::TRANSACTIONS, Some(&user_token("ann")))).await;
     let rows = ledger.json()["items"].clone();
     assert_eq!(
         rows.as_array().map(Vec::len),
@@ -230,11 +227,7 @@ async fn release_and_retries(db: TestDb) {
         (capture.status, capture.error_code()),
         (409, "hold_closed".into())
     );
-    let ledger = send(
-        &state,
-        get("/api/credits/transactions", Some(&user_token("ben"))),
-    )
-    .await;
+    let ledger = send(&state, get(paths::TRANSACTIONS, Some(&user_token("ben")))).await;
     assert_eq!(ledger.json()["items"].as_array().map(Vec::len), Some(1));
     assert_eq!(balance(&state, "ben").await["version"], 3);
 }
@@ -275,7 +268,12 @@ async fn holds_expire_within_five_seconds(db: TestDb) {
     let server = TestServer::start(config(&db, &[])).await;
     let state = &server.state;
     grant(state, "dan", 10).await;
-    let url = format!("ws://{}/ws?token={}", server.addr, user_token("dan"));
+    let url = format!(
+        "ws://{}{}?token={}",
+        server.addr,
+        paths::WS,
+        user_token("dan")
+    );
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("WebSocket");
@@ -471,8 +469,8 @@ async fn bad_input_is_refused(db: TestDb) {
     let user = user_token("gil");
     let body = json!({"user_id": "gil", "amount": 1}).to_string();
     for uri in [
-        "/api/credits/holds".to_owned(),
-        format!("/api/credits/holds/{id}/release"),
+        paths::HOLDS.to_owned(),
+        paths::with_id(paths::HOLD_RELEASE, &id),
     ] {
         let answer = send(&state, post(&uri, Some(&user), body.clone())).await;
         assert_eq!(
@@ -508,11 +506,11 @@ async fn holds_reach_sse_and_polling() {
     let token = user_token("hal");
     let mut sse = common::live::SseStream::open(&server, &token, None).await;
     assert_eq!(sse.next_balance().await["available"], 10);
-    let poll_url = server.url("/api/credits/balance/poll?version=1&wait=10");
+    let poll_url = server.url(&format!("{}?version=1&wait=10", paths::POLL));
     let poll = server.http.get(poll_url).bearer_auth(&token).send();
     let placed = server
         .http
-        .post(server.url("/api/credits/holds"))
+        .post(server.url(paths::HOLDS))
         .bearer_auth(SERVICE_KEY)
         .json(&json!({"user_id": "hal", "amount": 3}))
         .send()

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use app::wire::paths;
 use common::{SERVICE_KEY, process::ServerProcess, user_token};
 use futures::StreamExt;
 
@@ -28,13 +29,13 @@ async fn query_tokens_are_never_logged() {
     let token = user_token("alice");
     let bad = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.bm90LWEtcmVhbC1zaWduYXR1cmU";
 
-    let url = format!("ws://{}/ws?token={token}", server.addr);
+    let url = format!("ws://{}{}?token={token}", server.addr, paths::WS);
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("WebSocket");
     ws.next().await.expect("snapshot").expect("frame");
     let response = http
-        .post(format!("{base}/api/credits/changes"))
+        .post(format!("{base}{}", paths::CHANGES))
         .bearer_auth(SERVICE_KEY)
         .json(&serde_json::json!({"user_id": "alice", "amount": 1, "type": "grant"}))
         .send()
@@ -43,12 +44,7 @@ async fn query_tokens_are_never_logged() {
     assert_eq!(response.status(), 201);
     ws.next().await.expect("event").expect("frame");
 
-    for path in [
-        "/ws",
-        "/api/credits/sse",
-        "/api/credits/balance/poll",
-        "/api/credits/balance",
-    ] {
+    for path in [paths::WS, paths::SSE, paths::POLL, paths::BALANCE] {
         for query in [
             format!("token={token}"),
             format!("token={bad}"),
@@ -70,10 +66,7 @@ async fn query_tokens_are_never_logged() {
     let (status, logs) = server.wait(Duration::from_secs(10));
     assert!(status.success());
 
-    assert!(
-        logs.contains("/api/credits/balance/poll"),
-        "requests are logged: {logs}"
-    );
+    assert!(logs.contains(paths::POLL), "requests are logged: {logs}");
     for secret in [token.as_str(), bad] {
         let signature = secret.rsplit('.').next().expect("three parts");
         let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(signature)).collect();

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use app::wire::paths;
 use common::{SERVICE_KEY, TestDb, process::ServerProcess, user_token};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -68,7 +69,7 @@ impl Pair {
     async fn change(&self, via: &ServerProcess, user: &str, amount: i64) -> Value {
         let response = self
             .http
-            .post(format!("http://{}/api/credits/changes", via.addr))
+            .post(format!("http://{}{}", via.addr, paths::CHANGES))
             .bearer_auth(SERVICE_KEY)
             .json(&json!({"user_id": user, "amount": amount, "type": "grant"}))
             .send()
@@ -81,7 +82,7 @@ impl Pair {
     async fn readiness(&self, instance: &ServerProcess) -> String {
         let body: Value = self
             .http
-            .get(format!("http://{}/readyz", instance.addr))
+            .get(format!("http://{}{}", instance.addr, paths::READYZ))
             .send()
             .await
             .expect("readyz")
@@ -94,7 +95,7 @@ impl Pair {
     /// `instance`'s `/metrics` text.
     async fn metrics(&self, instance: &ServerProcess) -> String {
         self.http
-            .get(format!("http://{}/metrics", instance.addr))
+            .get(format!("http://{}{}", instance.addr, paths::METRICS))
             .send()
             .await
             .expect("metrics")
@@ -126,7 +127,12 @@ fn start_instance(vars: &[(&str, String)], dir: &tempfile::TempDir) -> ServerPro
 }
 
 async fn ws(instance: &ServerProcess, user: &str) -> Ws {
-    let url = format!("ws://{}/ws?token={}", instance.addr, user_token(user));
+    let url = format!(
+        "ws://{}{}?token={}",
+        instance.addr,
+        paths::WS,
+        user_token(user)
+    );
     tokio_tungstenite::connect_async(url)
         .await
         .expect("WebSocket")
@@ -179,7 +185,7 @@ async fn changes_reach_clients_on_the_other_instance() {
         .expect("snapshot");
     let mut sse = pair
         .http
-        .get(format!("http://{}/api/credits/sse", pair.b.addr))
+        .get(format!("http://{}{}", pair.b.addr, paths::SSE))
         .bearer_auth(user_token("alice"))
         .send()
         .await
@@ -207,10 +213,7 @@ async fn changes_reach_clients_on_the_other_instance() {
 
     let poll = {
         let http = pair.http.clone();
-        let url = format!(
-            "http://{}/api/credits/balance/poll?version=1&wait=10",
-            pair.b.addr
-        );
+        let url = format!("http://{}{}?version=1&wait=10", pair.b.addr, paths::POLL);
         tokio::spawn(async move {
             let response = http
                 .get(url)
@@ -272,7 +275,7 @@ async fn concurrent_changes_through_both_instances() {
         };
         tasks.spawn(async move {
             let response = http
-                .post(format!("http://{addr}/api/credits/changes"))
+                .post(format!("http://{addr}{}", paths::CHANGES))
                 .bearer_auth(SERVICE_KEY)
                 .json(&json!({"user_id": "bob", "amount": i + 1, "type": "grant"}))
                 .send()
@@ -432,7 +435,7 @@ async fn starts_degraded_without_redis() {
     );
     let http = reqwest::Client::new();
     let readiness = || async {
-        http.get(format!("http://{}/readyz", server.addr))
+        http.get(format!("http://{}{}", server.addr, paths::READYZ))
             .send()
             .await
             .expect("readyz")
@@ -446,7 +449,7 @@ async fn starts_degraded_without_redis() {
         json!({"status": "degraded", "reasons": ["redis"]})
     );
     let balance = http
-        .get(format!("http://{}/api/credits/balance", server.addr))
+        .get(format!("http://{}{}", server.addr, paths::BALANCE))
         .bearer_auth(user_token("dora"))
         .send()
         .await

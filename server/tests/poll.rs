@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use app::wire::paths;
 use common::{TestDb, config, live::TestServer, user_token};
 use serde_json::Value;
 
@@ -17,7 +18,7 @@ async fn server() -> (TestDb, TestServer) {
 async fn poll(server: &TestServer, user: &str, query: &str) -> (u16, Value) {
     let response = server
         .http
-        .get(server.url(&format!("/api/credits/balance/poll{query}")))
+        .get(server.url(&format!("{}{query}", paths::POLL)))
         .bearer_auth(user_token(user))
         .send()
         .await
@@ -54,7 +55,7 @@ async fn long_poll_wakes_on_change() {
     server.change("bob", 1).await;
     let waiting = {
         let http = server.http.clone();
-        let url = server.url("/api/credits/balance/poll?version=1&wait=20");
+        let url = server.url(&format!("{}?version=1&wait=20", paths::POLL));
         tokio::spawn(async move {
             let response = http
                 .get(url)
@@ -127,7 +128,7 @@ async fn long_poll_limit() {
     let mut held = Vec::new();
     for _ in 0..8 {
         let http = server.http.clone();
-        let url = server.url("/api/credits/balance/poll?version=0&wait=10");
+        let url = server.url(&format!("{}?version=0&wait=10", paths::POLL));
         held.push(tokio::spawn(async move {
             http.get(url)
                 .bearer_auth(user_token("erin"))
@@ -158,7 +159,7 @@ async fn long_poll_limit() {
 async fn shutdown_answers_held_polls() {
     let (_db, mut server) = server().await;
     let http = server.http.clone();
-    let url = server.url("/api/credits/balance/poll?version=0&wait=25");
+    let url = server.url(&format!("{}?version=0&wait=25", paths::POLL));
     let waiting = tokio::spawn(async move {
         let response = http
             .get(url)

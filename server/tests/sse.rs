@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use app::wire::paths;
 use common::{
     TestDb, config,
     live::{PATIENCE, SseStream, TestServer, eventually},
@@ -137,7 +138,7 @@ async fn limit_is_429() {
     }
     let refused = server
         .http
-        .get(server.url("/api/credits/sse"))
+        .get(server.url(paths::SSE))
         .bearer_auth(&token)
         .send()
         .await
@@ -187,7 +188,8 @@ async fn stream_connection_lives_as_long_as_its_client() {
     let (_db, server) = server().await;
     server.change("hana", 5).await;
     let request = format!(
-        "GET /api/credits/sse?token={} HTTP/1.1\r\nHost: test\r\n\r\n",
+        "GET {}?token={} HTTP/1.1\r\nHost: test\r\n\r\n",
+        paths::SSE,
         user_token("hana")
     );
     let (mut conn, answer) = raw_exchange(&server, request.as_bytes(), r#""balance":5"#).await;
@@ -224,23 +226,15 @@ async fn stream_connection_lives_as_long_as_its_client() {
 async fn bad_stream_requests_get_an_http_error() {
     let (_db, server) = server().await;
     let many_headers: String = (0..70).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let sse = paths::SSE;
     let cases = [
         (
-            "GET /api/credits/sse HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc".to_owned(),
+            format!("GET {sse} HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"),
             "400",
         ),
-        (
-            "GET /api/credits/sse HTTP/1.1\r\nno colon\r\n\r\n".to_owned(),
-            "400",
-        ),
-        (
-            format!("GET /api/credits/sse HTTP/1.1\r\n{many_headers}\r\n"),
-            "431",
-        ),
-        (
-            "GET /api/credits/sse HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
-            "401",
-        ),
+        (format!("GET {sse} HTTP/1.1\r\nno colon\r\n\r\n"), "400"),
+        (format!("GET {sse} HTTP/1.1\r\n{many_headers}\r\n"), "431"),
+        (format!("GET {sse} HTTP/1.1\r\nHost: t\r\n\r\n"), "401"),
     ];
     for (request, status) in cases {
         let (_conn, answer) = raw_exchange(&server, request.as_bytes(), "\0").await;
@@ -265,9 +259,10 @@ async fn stream_after_another_request_on_one_connection() {
     let (_db, server) = server().await;
     server.change("ivan", 4).await;
     let token = user_token("ivan");
+    let (balance, sse) = (paths::BALANCE, paths::SSE);
     let request = format!(
-        "GET /api/credits/balance?token={token} HTTP/1.1\r\nHost: t\r\n\r\n\
-         GET /api/credits/sse?token={token} HTTP/1.1\r\nHost: t\r\n\r\n"
+        "GET {balance}?token={token} HTTP/1.1\r\nHost: t\r\n\r\n\
+         GET {sse}?token={token} HTTP/1.1\r\nHost: t\r\n\r\n"
     );
     let (_conn, answer) = raw_exchange(&server, request.as_bytes(), "event: balance").await;
     assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");

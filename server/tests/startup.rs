@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use app::wire::paths;
 use common::process::{ServerProcess, command, output_within};
 use futures::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -51,7 +52,7 @@ async fn serves_until_sigterm() {
         &[("JWT_SECRET", common::SECRET), ("DATABASE_URL", &database)],
     );
     let addr = server.addr.clone();
-    for (path, status) in [("/healthz", "ok"), ("/readyz", "ready")] {
+    for (path, status) in [(paths::HEALTHZ, "ok"), (paths::READYZ, "ready")] {
         let body: serde_json::Value = reqwest::get(format!("http://{addr}{path}"))
             .await
             .expect("answers")
@@ -61,7 +62,11 @@ async fn serves_until_sigterm() {
         assert_eq!(body["status"], status, "{path}");
     }
 
-    let url = format!("ws://{addr}/ws?token={}", common::user_token("alice"));
+    let url = format!(
+        "ws://{addr}{}?token={}",
+        paths::WS,
+        common::user_token("alice")
+    );
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("WebSocket");

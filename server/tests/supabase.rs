@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use app::wire::paths;
 use axum::{
     Json, Router,
     extract::State,
@@ -151,7 +152,7 @@ fn vouch(fake: &Fake, token: &str, user: &str) {
 }
 
 async fn balance_status(state: &AppState, token: &str) -> (u16, Value) {
-    let answer = send(state, get_req("/api/credits/balance", Some(token))).await;
+    let answer = send(state, get_req(paths::BALANCE, Some(token))).await;
     let body = answer.json();
     (answer.status, body)
 }
@@ -267,11 +268,7 @@ async fn service_role_key_is_a_service() {
     let state = supabase_state(&db, &url).await;
     let answer = send(
         &state,
-        post(
-            "/api/credits/changes",
-            Some(SERVICE_KEY),
-            change("u", 5, "grant"),
-        ),
+        post(paths::CHANGES, Some(SERVICE_KEY), change("u", 5, "grant")),
     )
     .await;
     assert_eq!(answer.status, 201);
@@ -441,7 +438,7 @@ async fn the_server_process_never_amplifies_supabase() {
         ],
     );
     let http = reqwest::Client::new();
-    let balance_url = format!("http://{}/api/credits/balance", server.addr);
+    let balance_url = format!("http://{}{}", server.addr, paths::BALANCE);
     let ask = |token: String| {
         let request = http.get(&balance_url).bearer_auth(token);
         async move { request.send().await.expect("answers").status().as_u16() }

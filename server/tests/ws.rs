@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use app::wire::close;
+use app::wire::{close, paths};
 use common::{
     TestDb, config,
     live::{TestServer, close_code, eventually, next_json, send_text, ws_connect, ws_connect_with},
@@ -65,7 +65,7 @@ async fn bursts_arrive_in_order() {
     assert_eq!(next_json(&mut ws).await["version"], 0);
     let writer = {
         let http = server.http.clone();
-        let url = server.url("/api/credits/changes");
+        let url = server.url(paths::CHANGES);
         tokio::spawn(async move {
             for _ in 0..200 {
                 let response = http
@@ -157,8 +157,12 @@ async fn cookie_auth_checks_origin() {
         ("https://app.example", true),
         ("https://evil.example", false),
     ] {
-        let mut ws =
-            ws_connect_with(&server, "/ws", &[("cookie", &cookie), ("origin", origin)]).await;
+        let mut ws = ws_connect_with(
+            &server,
+            paths::WS,
+            &[("cookie", &cookie), ("origin", origin)],
+        )
+        .await;
         if expect_served {
             assert_eq!(next_json(&mut ws).await["user_id"], "gina", "{origin}");
         } else {
@@ -177,7 +181,7 @@ async fn bad_token_is_401_at_handshake() {
     let (_db, server) = server(&[]).await;
     let response = server
         .http
-        .get(server.url("/ws?token=garbage"))
+        .get(server.url(&format!("{}?token=garbage", paths::WS)))
         .header("connection", "upgrade")
         .header("upgrade", "websocket")
         .header("sec-websocket-version", "13")
@@ -280,7 +284,7 @@ async fn metrics_count_delivery() {
 
     let text = server
         .http
-        .get(server.url("/metrics"))
+        .get(server.url(paths::METRICS))
         .send()
         .await
         .expect("metrics")

@@ -124,7 +124,7 @@ impl Health {
         match (status, transport) {
             (Status::Live, Some(Transport::WebSocket | Transport::Sse)) => Self::Live,
             (Status::Live | Status::Connecting | Status::Reconnecting, _) => Self::Degraded,
-            (Status::Offline | Status::SignedOut, _) => Self::Offline,
+            (Status::Offline | Status::SignedOut | Status::Forbidden, _) => Self::Offline,
         }
     }
 

@@ -24,7 +24,7 @@ use super::{
 use crate::wire::{
     ApiError, BalanceEvent, CaptureRequest, DevCreditRequest, DevHoldRequest, DevLoginRequest,
     HoldList, PageContext, PollResponse, SessionInfo, SessionRequest, TransactionPage, WsServerMsg,
-    close,
+    close, paths,
 };
 
 /// How long a long-poll is held by the server.
@@ -199,6 +199,14 @@ impl Driver {
                         .set(Some("Your session expired. Sign in again.".into())),
                 }
             }
+            Command::GiveUp => {
+                self.context.note("refused by the server: not retrying");
+                self.context.notice.set(Some(
+                    "The server refuses live updates for this page or sign-in. \
+                     Open the app at its own address, or sign in again."
+                        .into(),
+                ));
+            }
         }
     }
 
@@ -255,7 +263,7 @@ fn ws_url() -> String {
         _ => "ws",
     };
     let host = location.host().unwrap_or_default();
-    format!("{scheme}://{host}/ws")
+    format!("{scheme}://{host}{}", paths::WS)
 }
 
 /// A WebSocket counts as open once the snapshot arrives: that proves auth and server.
@@ -284,7 +292,7 @@ async fn websocket(controls: UnboundedSender<Control>, attempt: u64) {
             }
             Some(Ok(Message::Bytes(_))) => {}
             Some(Err(WebSocketError::ConnectionClose(event)))
-                if event.code >= close::POLICY && event.code != 1006 =>
+                if event.code >= close::POLICY && event.code != close::ABNORMAL =>
             {
                 break Ending::Code(event.code);
             }
@@ -322,7 +330,7 @@ async fn probe(controls: UnboundedSender<Control>, attempt: u64) {
 }
 
 async fn sse(controls: UnboundedSender<Control>, attempt: u64) {
-    let Ok(mut source) = EventSource::new("/api/credits/sse") else {
+    let Ok(mut source) = EventSource::new(paths::SSE) else {
         return send(
             &controls,
             Input::Ended {
@@ -375,9 +383,12 @@ async fn polling(controls: UnboundedSender<Control>, attempt: u64) {
         let hidden = document().hidden();
         let url = match version {
             Some(version) if !hidden => {
-                format!("/api/credits/balance/poll?version={version}&wait={LONG_POLL_WAIT_SECS}")
+                format!(
+                    "{}?version={version}&wait={LONG_POLL_WAIT_SECS}",
+                    paths::POLL
+                )
             }
-            _ => "/api/credits/balance/poll".to_owned(),
+            _ => paths::POLL.to_owned(),
         };
         let started = js_sys::Date::now();
         let answer = match Request::get(&url).send().await {
@@ -414,7 +425,7 @@ async fn polling(controls: UnboundedSender<Control>, attempt: u64) {
 
 /// The balance right now, for a tab that becomes visible again.
 async fn refresh(controls: UnboundedSender<Control>) {
-    if let Ok(response) = Request::get("/api/credits/balance").send().await
+    if let Ok(response) = Request::get(paths::BALANCE).send().await
         && response.ok()
         && let Ok(snapshot) = response.json().await
     {
@@ -454,7 +465,7 @@ async fn answered(request: Request) -> Result<Response, String> {
 
 async fn sign_in_dev(context: CreditContext, controls: UnboundedSender<Control>, user_id: String) {
     match post_json(
-        "/api/dev/login",
+        paths::DEV_LOGIN,
         &DevLoginRequest {
             user_id: user_id.clone(),
         },
@@ -469,7 +480,7 @@ async fn sign_in_dev(context: CreditContext, controls: UnboundedSender<Control>,
 }
 
 async fn sign_in_token(context: CreditContext, controls: UnboundedSender<Control>, token: String) {
-    let answer = match post_json("/api/session", &SessionRequest { token }).await {
+    let answer = match post_json(paths::SESSION, &SessionRequest { token }).await {
         Ok(response) => response
             .json::<SessionInfo>()
             .await
@@ -485,7 +496,7 @@ async fn sign_in_token(context: CreditContext, controls: UnboundedSender<Control
 }
 
 async fn sign_out() {
-    let _ = Request::delete("/api/session").send().await;
+    let _ = Request::delete(paths::SESSION).send().await;
 }
 
 async fn simulate(context: CreditContext, amount: i64, kind: String) {
@@ -494,12 +505,12 @@ async fn simulate(context: CreditContext, amount: i64, kind: String) {
         kind,
         metadata: None,
     };
-    let notice = post_json("/api/dev/credits", &request).await.err();
+    let notice = post_json(paths::DEV_CREDITS, &request).await.err();
     context.notice.set(notice);
 }
 
 async fn load_ledger(context: CreditContext, before: Option<i64>) {
-    let mut url = format!("/api/credits/transactions?limit={LEDGER_PAGE}");
+    let mut url = format!("{}?limit={LEDGER_PAGE}", paths::TRANSACTIONS);
     if let Some(before) = before {
         url.push_str(&format!("&before={before}"));
     }
@@ -512,7 +523,7 @@ async fn load_ledger(context: CreditContext, before: Option<i64>) {
 }
 
 async fn load_holds(context: CreditContext) {
-    if let Ok(response) = Request::get("/api/credits/holds").send().await
+    if let Ok(response) = Request::get(paths::HOLDS).send().await
         && response.ok()
         && let Ok(list) = response.json::<HoldList>().await
     {
@@ -527,16 +538,18 @@ async fn hold(context: CreditContext, action: HoldAction) {
                 amount,
                 ttl_s: Some(ttl_s),
             };
-            post_json("/api/dev/holds", &request).await
+            post_json(paths::DEV_HOLDS, &request).await
         }
         HoldAction::Capture { id } => {
             post_json(
-                &format!("/api/dev/holds/{id}/capture"),
+                &paths::with_id(paths::DEV_HOLD_CAPTURE, &id),
                 &CaptureRequest::default(),
             )
             .await
         }
-        HoldAction::Release { id } => post_empty(&format!("/api/dev/holds/{id}/release")).await,
+        HoldAction::Release { id } => {
+            post_empty(&paths::with_id(paths::DEV_HOLD_RELEASE, &id)).await
+        }
     };
     context.notice.set(sent.err());
 }

@@ -1,6 +1,6 @@
 //! Balance changes requested by a service (SPEC §5 `POST /api/credits/changes`).
 
-use app::wire::ChangeRequest;
+use app::wire::{ChangeRequest, paths};
 use axum::{
     Json, Router,
     extract::State,
@@ -20,7 +20,7 @@ use crate::{
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/credits/changes", post(create))
+    Router::new().route(paths::CHANGES, post(create))
 }
 
 async fn create(

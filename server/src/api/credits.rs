@@ -1,6 +1,6 @@
 //! A user's own balance and ledger.
 
-use app::wire::{BalanceSnapshot, TransactionPage};
+use app::wire::{BalanceSnapshot, TransactionPage, paths};
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Deserialize;
 
@@ -13,8 +13,8 @@ use crate::{
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/credits/balance", get(balance))
-        .route("/api/credits/transactions", get(transactions))
+        .route(paths::BALANCE, get(balance))
+        .route(paths::TRANSACTIONS, get(transactions))
 }
 
 async fn balance(

@@ -3,7 +3,7 @@
 
 use app::wire::{
     CaptureRequest, DEFAULT_HOLD_TTL_S, DevCreditRequest, DevHoldRequest, DevLoginRequest,
-    DevLoginResponse,
+    DevLoginResponse, paths,
 };
 use axum::{
     Json, Router,
@@ -28,11 +28,11 @@ const SESSION_TTL: Duration = Duration::hours(24);
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/dev/login", post(login))
-        .route("/api/dev/credits", post(credits))
-        .route("/api/dev/holds", post(place_hold))
-        .route("/api/dev/holds/{id}/capture", post(capture_hold))
-        .route("/api/dev/holds/{id}/release", post(release_hold))
+        .route(paths::DEV_LOGIN, post(login))
+        .route(paths::DEV_CREDITS, post(credits))
+        .route(paths::DEV_HOLDS, post(place_hold))
+        .route(paths::DEV_HOLD_CAPTURE, post(capture_hold))
+        .route(paths::DEV_HOLD_RELEASE, post(release_hold))
 }
 
 async fn login(

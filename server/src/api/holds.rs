@@ -1,7 +1,7 @@
 //! Holds (SPEC §12): a service reserves credits before work and captures or releases them
 //! after; a user lists their active holds.
 
-use app::wire::{CaptureRequest, HoldList, HoldRequest, HoldResponse};
+use app::wire::{CaptureRequest, HoldList, HoldRequest, HoldResponse, paths};
 use axum::{
     Json, Router,
     extract::{Path, State},
@@ -20,9 +20,9 @@ use crate::{
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/credits/holds", post(place).get(list))
-        .route("/api/credits/holds/{id}/capture", post(capture))
-        .route("/api/credits/holds/{id}/release", post(release))
+        .route(paths::HOLDS, post(place).get(list))
+        .route(paths::HOLD_CAPTURE, post(capture))
+        .route(paths::HOLD_RELEASE, post(release))
 }
 
 async fn place(

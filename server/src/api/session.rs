@@ -1,7 +1,7 @@
 //! Browser sessions: sign in with a JWT from the identity provider (the server keeps it in
 //! the HttpOnly session cookie, out of reach of page scripts), and sign out.
 
-use app::wire::{ErrorCode, SessionInfo, SessionRequest};
+use app::wire::{ErrorCode, SessionInfo, SessionRequest, paths};
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 use axum_extra::extract::CookieJar;
 
@@ -13,7 +13,7 @@ use crate::{
 };
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/session", post(sign_in).delete(sign_out))
+    Router::new().route(paths::SESSION, post(sign_in).delete(sign_out))
 }
 
 async fn sign_in(

@@ -10,6 +10,7 @@
 
 use std::{io, pin::pin};
 
+use app::wire::paths;
 use axum::{
     Router,
     body::{Body, HttpBody as _},
@@ -27,9 +28,12 @@ use tower::ServiceExt;
 use super::Conn;
 
 /// Request lines served here: `GET` of these paths, with or without a query string.
-const STREAM_PATHS: &[&str] = &["/api/credits/sse"];
+const STREAM_PATHS: &[&str] = &[paths::SSE];
 /// Bytes peeked from a new connection: enough for `GET ` and the longest stream path.
 const SNIFF_LEN: usize = 32;
+// The peek must reach the byte after the path; a longer stream path would never be
+// recognised, and its streams would quietly go to hyper.
+const _: () = assert!("GET ".len() + paths::SSE.len() < SNIFF_LEN);
 /// Largest request head a stream connection accepts (hyper's default limit is larger, but a
 /// stream request carries a token and a few headers).
 const MAX_HEAD: usize = 8 * 1024;
@@ -242,7 +246,7 @@ mod tests {
                 0..8,
             ),
         ) {
-            let mut head = format!("GET /api/credits/sse?{query} HTTP/1.1\r\n").into_bytes();
+            let mut head = format!("GET {}?{query} HTTP/1.1\r\n", paths::SSE).into_bytes();
             for (name, value) in &fields {
                 head.extend_from_slice(name.as_bytes());
                 head.extend_from_slice(b": ");
@@ -252,7 +256,7 @@ mod tests {
             head.extend_from_slice(b"\r\n");
             match parse_head(&head) {
                 Ok(Some(request)) => {
-                    proptest::prop_assert!(request.uri().path() == "/api/credits/sse");
+                    proptest::prop_assert!(request.uri().path() == paths::SSE);
                 }
                 Ok(None) => {}
                 Err(status) => proptest::prop_assert!(status.is_client_error()),

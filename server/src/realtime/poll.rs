@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use app::wire::{BalanceSnapshot, PollResponse};
+use app::wire::{BalanceSnapshot, PollResponse, paths};
 use axum::{Json, Router, extract::State, routing::get};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -22,7 +22,7 @@ const MIN_INTERVAL_MS: f64 = 1_000.0;
 const MAX_INTERVAL_MS: f64 = 60_000.0;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/credits/balance/poll", get(poll))
+    Router::new().route(paths::POLL, get(poll))
 }
 
 #[derive(Deserialize)]

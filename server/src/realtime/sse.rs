@@ -4,7 +4,7 @@
 
 use std::{convert::Infallible, time::Duration};
 
-use app::wire::{BalanceEvent, close};
+use app::wire::{BalanceEvent, close, paths};
 use axum::{
     Router,
     extract::State,
@@ -25,7 +25,7 @@ use crate::{AppState, auth::AuthUser, error::ApiError};
 const RETRY: Duration = Duration::from_secs(3);
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/credits/sse", get(stream))
+    Router::new().route(paths::SSE, get(stream))
 }
 
 async fn stream(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use app::wire::{
     AuthExpiringTag, AuthOkTag, BalanceEvent, ErrorCode, ErrorTag, PongTag, WsClientMsg,
-    WsServerMsg, close,
+    WsServerMsg, close, paths,
 };
 use axum::{
     Router,
@@ -50,7 +50,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const EXPIRING_LEAD: Duration = Duration::from_secs(60);
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/ws", get(upgrade))
+    Router::new().route(paths::WS, get(upgrade))
 }
 
 /// Authenticates at the handshake (a bad token is a 401 `ApiError`), then upgrades. Refusals

@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use app::wire::paths;
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use server::{AppState, Config};
@@ -55,7 +56,7 @@ impl TestServer {
     pub async fn change(&self, user: &str, amount: i64) -> Value {
         let response = self
             .http
-            .post(self.url("/api/credits/changes"))
+            .post(self.url(paths::CHANGES))
             .bearer_auth(SERVICE_KEY)
             .json(&serde_json::json!({"user_id": user, "amount": amount, "type": "grant"}))
             .send()
@@ -98,7 +99,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Opens `/ws` with the token in the query string.
 pub async fn ws_connect(server: &TestServer, token: &str) -> Ws {
-    ws_connect_with(server, &format!("/ws?token={token}"), &[]).await
+    ws_connect_with(server, &format!("{}?token={token}", paths::WS), &[]).await
 }
 
 /// Opens `path` as a WebSocket with extra headers.
@@ -180,10 +181,7 @@ pub struct SseStream {
 impl SseStream {
     /// Opens `/api/credits/sse` with a Bearer token and an optional `Last-Event-ID`.
     pub async fn open(server: &TestServer, token: &str, last_event_id: Option<i64>) -> Self {
-        let mut request = server
-            .http
-            .get(server.url("/api/credits/sse"))
-            .bearer_auth(token);
+        let mut request = server.http.get(server.url(paths::SSE)).bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }

@@ -7,6 +7,7 @@ pub mod process;
 
 use std::collections::HashMap;
 
+use app::wire::paths;
 use axum::{
     body::Body,
     http::{Request, Response},
@@ -177,7 +178,7 @@ pub fn user_token(user: &str) -> String {
 
 /// `user`'s balance snapshot as the server at `addr` answers it over HTTP.
 pub async fn balance_over_http(http: &reqwest::Client, addr: &str, user: &str) -> Value {
-    http.get(format!("http://{addr}/api/credits/balance"))
+    http.get(format!("http://{addr}{}", paths::BALANCE))
         .bearer_auth(user_token(user))
         .send()
         .await

@@ -5,11 +5,11 @@
 //!
 //! Order: WebSocket (must open within a timeout), else SSE, else polling. Reconnects back off
 //! exponentially with full jitter. On SSE or polling it periodically probes WebSocket and
-//! climbs back. Close codes follow `wire::close`.
+//! climbs back. Close codes are acted on as `wire::close::advice` says.
 
 use std::time::Duration;
 
-use crate::wire::close;
+use crate::wire::close::{self, Advice};
 
 /// A way of receiving balance events, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,9 @@ pub enum Status {
     Reconnecting,
     Offline,
     SignedOut,
+    /// The server forbids this origin or credential (close 4003): nothing is retried until
+    /// a new sign-in or a debug-page mode change.
+    Forbidden,
 }
 
 impl Status {
@@ -57,6 +60,7 @@ impl Status {
             Self::Reconnecting => "reconnecting",
             Self::Offline => "offline",
             Self::SignedOut => "signed out",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -103,7 +107,7 @@ pub enum Ending {
     Refused,
     /// Was open, then dropped without a close code.
     Dropped,
-    /// The server closed it with a WebSocket close code.
+    /// The server closed it with a WebSocket close code; see [`close::advice`].
     Code(u16),
     /// SSE's `auth_expired` event (or a 401 from a poll).
     AuthExpired,
@@ -160,6 +164,9 @@ pub enum Command {
     Probe { attempt: u64 },
     /// The token expired: sign in again if possible (dev mode), else stay signed out.
     Reauthenticate,
+    /// The server refused this origin or credential: tell the user that the live balance
+    /// stops here, since retrying from this page cannot succeed.
+    GiveUp,
 }
 
 /// The connection state of one browser tab.
@@ -254,7 +261,10 @@ impl Machine {
                 self.failures = 0;
                 self.restart()
             }
-            Input::NetworkLost if self.status != Status::SignedOut && self.mode != Mode::Off => {
+            Input::NetworkLost
+                if !matches!(self.status, Status::SignedOut | Status::Forbidden)
+                    && self.mode != Mode::Off =>
+            {
                 self.status = Status::Offline;
                 Vec::new()
             }
@@ -353,29 +363,42 @@ impl Machine {
     }
 
     fn ended(&mut self, ending: Ending, random: f64) -> Vec<Command> {
-        match ending {
-            Ending::AuthExpired | Ending::Code(close::TOKEN_EXPIRED) => {
-                self.status = Status::SignedOut;
-                let mut commands = self.abandon();
-                commands.push(Command::Reauthenticate);
-                commands
-            }
-            Ending::Code(close::RESTARTING) => {
+        let advice = match ending {
+            Ending::Code(code) => close::advice(code),
+            Ending::AuthExpired => Advice::SignIn,
+            Ending::Refused | Ending::Dropped => Advice::BackOff,
+        };
+        match advice {
+            Advice::SignIn => self.halt(Status::SignedOut, Command::Reauthenticate),
+            Advice::Stop => self.halt(Status::Forbidden, Command::GiveUp),
+            Advice::Reconnect => {
                 let delay = self.tuning.restart_jitter.mul_f64(random);
                 self.back_off(delay)
             }
-            Ending::Code(close::TOO_MANY_CONNECTIONS) => {
+            Advice::SlowDown => {
                 // Back off harder than for a plain failure: the server asked us to.
                 self.failures += 2;
                 let delay = self.backoff_bound().mul_f64(random);
                 self.back_off(delay)
             }
-            _ if !self.open => self.failed(random),
-            _ => {
+            // The machine only listens, so after 1008 or 1009 it has no frame to stop
+            // resending; it reconnects like after any failure, and the backoff keeps a
+            // misbehaving server or proxy from turning that into a tight loop.
+            Advice::BackOff | Advice::FixClient if !self.open => self.failed(random),
+            Advice::BackOff | Advice::FixClient => {
                 let delay = self.backoff_bound().mul_f64(random);
                 self.back_off(delay)
             }
         }
+    }
+
+    /// Closes everything, retries nothing, and leaves `status` until the next `Start` or
+    /// mode change.
+    fn halt(&mut self, status: Status, command: Command) -> Vec<Command> {
+        self.status = status;
+        let mut commands = self.abandon();
+        commands.push(command);
+        commands
     }
 
     /// Closes everything and schedules the next attempt after `delay`.

@@ -245,3 +245,105 @@ fn forced_modes() {
     assert_eq!(machine.status(), Status::Offline);
     assert!(machine.step(Input::Online, 0.5).is_empty());
 }
+
+/// A live machine whose connection the server has just ended with `ending`; the commands.
+fn end_live(machine: &mut Machine, ending: Ending, random: f64) -> Vec<Command> {
+    let attempt = machine.attempt;
+    machine.step(Input::Opened { attempt }, 0.5);
+    machine.step(Input::Ended { attempt, ending }, random)
+}
+
+/// A refused origin or credential (4003), before or after the snapshot, stops for good:
+/// nothing is reopened or scheduled, and neither the network coming back nor a late timer
+/// revives it; only a new sign-in does.
+#[test]
+fn forbidden_is_not_retried() {
+    for opened in [false, true] {
+        let mut machine = started();
+        let attempt = machine.attempt;
+        if opened {
+            machine.step(Input::Opened { attempt }, 0.5);
+        }
+        let ending = Ending::Code(close::FORBIDDEN_ORIGIN);
+        let commands = machine.step(Input::Ended { attempt, ending }, 0.5);
+        assert_eq!(commands, [Command::CloseAll, Command::GiveUp]);
+        assert_eq!(machine.status(), Status::Forbidden);
+        assert_eq!(machine.transport(), None);
+
+        assert!(machine.step(Input::NetworkLost, 0.5).is_empty());
+        assert!(machine.step(Input::Online, 0.5).is_empty());
+        assert!(machine.step(Input::RetryDue { attempt }, 0.5).is_empty());
+        assert_eq!(machine.status(), Status::Forbidden);
+
+        let again = machine.step(Input::Start, 0.5);
+        assert_eq!(opened_transport(&again), Some(Transport::WebSocket));
+    }
+}
+
+/// 1008 and 1009 say a client frame was bad. The machine sends none, so it only reconnects,
+/// with a growing backoff rather than at once: repeated closes cannot become a tight loop.
+#[test]
+fn bad_frame_codes_back_off() {
+    for code in [close::POLICY, close::TOO_BIG] {
+        let mut machine = Machine::new(tuning());
+        machine.step(Input::SetMode(Mode::Only(Transport::WebSocket)), 0.5);
+        let mut bounds = Vec::new();
+        for _ in 0..3 {
+            let bound = machine.backoff_bound();
+            let attempt = machine.attempt;
+            let commands = machine.step(
+                Input::Ended {
+                    attempt,
+                    ending: Ending::Code(code),
+                },
+                0.999,
+            );
+            assert_eq!(opened_transport(&commands), None, "{code}: not at once");
+            let delay = wake_delay(&commands).expect("a retry");
+            assert!(
+                delay <= bound && delay >= bound.mul_f64(0.99),
+                "{code}: {delay:?}"
+            );
+            bounds.push(bound);
+            let attempt = machine.attempt;
+            machine.step(Input::RetryDue { attempt }, 0.5);
+        }
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{code}: {bounds:?}");
+
+        let mut machine = started();
+        let commands = end_live(&mut machine, Ending::Code(code), 0.5);
+        assert!(wake_delay(&commands).is_some(), "{code}: reconnects later");
+        assert_eq!(machine.status(), Status::Reconnecting);
+    }
+}
+
+/// 1006 (dropped without a close frame) and codes this server never sends are failures that
+/// may pass: after the snapshot they back off and reconnect; before it, the next transport
+/// is tried.
+#[test]
+fn abnormal_and_unknown_codes_back_off() {
+    for code in [close::ABNORMAL, 1000, 1011, 4999] {
+        let mut machine = started();
+        let commands = end_live(&mut machine, Ending::Code(code), 0.999);
+        let delay = wake_delay(&commands).expect("a retry");
+        assert!(delay <= Duration::from_millis(100), "{code}: {delay:?}");
+        assert_eq!(machine.status(), Status::Reconnecting, "{code}");
+        let attempt = machine.attempt;
+        let retry = machine.step(Input::RetryDue { attempt }, 0.5);
+        assert_eq!(
+            opened_transport(&retry),
+            Some(Transport::WebSocket),
+            "{code}"
+        );
+
+        let mut machine = started();
+        let attempt = machine.attempt;
+        let ending = Ending::Code(code);
+        let before_open = machine.step(Input::Ended { attempt, ending }, 0.5);
+        assert_eq!(
+            opened_transport(&before_open),
+            Some(Transport::Sse),
+            "{code}"
+        );
+    }
+}

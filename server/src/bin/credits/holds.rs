@@ -1,7 +1,7 @@
 //! `credits hold`, `credits capture`, `credits release`: the hold API of SPEC §12 from the
 //! command line.
 
-use app::wire::{CaptureRequest, HoldRequest, HoldResponse, HoldStatus};
+use app::wire::{CaptureRequest, HoldRequest, HoldResponse, HoldStatus, paths};
 use serde_json::json;
 
 use super::{
@@ -24,11 +24,13 @@ pub async fn run(
 ) -> Result<(), Failure> {
     let client = reqwest::Client::new();
     let builder = match request {
-        Request::Place(hold) => client.post(format!("{url}/api/credits/holds")).json(hold),
+        Request::Place(hold) => client.post(format!("{url}{}", paths::HOLDS)).json(hold),
         Request::Capture { id, amount } => client
-            .post(format!("{url}/api/credits/holds/{id}/capture"))
+            .post(format!("{url}{}", paths::with_id(paths::HOLD_CAPTURE, id)))
             .json(&CaptureRequest { amount }),
-        Request::Release { id } => client.post(format!("{url}/api/credits/holds/{id}/release")),
+        Request::Release { id } => {
+            client.post(format!("{url}{}", paths::with_id(paths::HOLD_RELEASE, id)))
+        }
     }
     .bearer_auth(service_token);
     let response = send(url, builder).await?;

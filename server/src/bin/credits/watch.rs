@@ -3,10 +3,14 @@
 
 use std::{io::Write, time::Duration};
 
-use app::wire::{ApiError, BalanceEvent, ChangeRequest, PollResponse, WsServerMsg, close};
+use app::wire::{
+    ApiError, BalanceEvent, ChangeRequest, PollResponse, WsServerMsg,
+    close::{self, Advice},
+    paths,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::{self, Message, protocol::CloseFrame};
 
 use super::Failure;
 
@@ -87,7 +91,7 @@ async fn refusal(url: &str, response: reqwest::Response) -> Failure {
 
 fn ws_url(url: &str, token: &str) -> String {
     let base = url.replacen("http", "ws", 1);
-    format!("{base}/ws?token={token}")
+    format!("{base}{}?token={token}", paths::WS)
 }
 
 pub async fn websocket(url: &str, token: &str, out: Output) -> Result<(), Failure> {
@@ -108,21 +112,33 @@ pub async fn websocket(url: &str, token: &str, out: Output) -> Result<(), Failur
                     out.update("websocket", &event);
                 }
             }
-            Message::Close(Some(frame)) if u16::from(frame.code) == close::TOKEN_EXPIRED => {
-                return Err(Failure::auth("the token expired"));
-            }
-            Message::Close(frame) => {
-                let reason = frame.map_or_else(String::new, |f| {
-                    format!(": {} {}", u16::from(f.code), f.reason)
-                });
-                return Err(Failure::other(format!(
-                    "the server closed the connection{reason}"
-                )));
-            }
+            Message::Close(frame) => return Err(closed(frame.as_ref())),
             _ => {}
         }
     }
     Err(Failure::other("connection lost"))
+}
+
+/// The failure a close frame ends `credits ws` with, as [`close::advice`] reads its code:
+/// one line, and the exit code of refused credentials when only a new token can help.
+fn closed(frame: Option<&CloseFrame>) -> Failure {
+    let Some(frame) = frame else {
+        return Failure::other("the server closed the connection");
+    };
+    let code = u16::from(frame.code);
+    let why = format!("{code} {}", frame.reason);
+    match close::advice(code) {
+        Advice::SignIn => Failure::auth("the token expired"),
+        Advice::Stop => Failure::auth(format!(
+            "the server refused this token for this connection ({why}); retrying cannot help"
+        )),
+        Advice::FixClient => Failure::other(format!(
+            "the server refused a frame this client sent ({why}); not resending it"
+        )),
+        Advice::Reconnect | Advice::BackOff | Advice::SlowDown => {
+            Failure::other(format!("the server closed the connection: {why}"))
+        }
+    }
 }
 
 /// Reads `text/event-stream` frames from a streamed body.
@@ -178,7 +194,7 @@ pub async fn open_sse(
     token: &str,
 ) -> Result<EventStream, Failure> {
     let request = client
-        .get(format!("{url}/api/credits/sse"))
+        .get(format!("{url}{}", paths::SSE))
         .bearer_auth(token);
     Ok(EventStream::new(send(url, request).await?))
 }
@@ -208,7 +224,7 @@ pub async fn poll(url: &str, token: &str, wait: u32, out: Output) -> Result<(), 
             _ => String::new(),
         };
         let request = client
-            .get(format!("{url}/api/credits/balance/poll{query}"))
+            .get(format!("{url}{}{query}", paths::POLL))
             .bearer_auth(token);
         let answer: PollResponse = send(url, request)
             .await?
@@ -232,7 +248,7 @@ pub async fn simulate(
     out: Output,
 ) -> Result<(), Failure> {
     let post = reqwest::Client::new()
-        .post(format!("{url}/api/credits/changes"))
+        .post(format!("{url}{}", paths::CHANGES))
         .bearer_auth(service_token)
         .json(request);
     let response = send(url, post).await?;
@@ -254,4 +270,44 @@ pub async fn simulate(
         &json!({ "event": event, "replayed": replayed }),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    use super::*;
+
+    /// Each close code ends `credits ws` as its advice says: an expired or refused token
+    /// exits as refused credentials, anything else as a failure, each with one line.
+    #[test]
+    fn close_codes_follow_their_advice() {
+        for (code, exit, words) in [
+            (close::TOKEN_EXPIRED, 3, "the token expired"),
+            (close::FORBIDDEN_CREDENTIAL, 3, "retrying cannot help"),
+            (close::POLICY, 1, "not resending it"),
+            (close::TOO_BIG, 1, "not resending it"),
+            (close::RESTARTING, 1, "closed the connection: 1012"),
+            (close::TRY_AGAIN_LATER, 1, "closed the connection: 1013"),
+            (
+                close::TOO_MANY_CONNECTIONS,
+                1,
+                "closed the connection: 4029",
+            ),
+            (4999, 1, "closed the connection: 4999"),
+        ] {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: "why".into(),
+            };
+            let failure = closed(Some(&frame));
+            assert_eq!(failure.code, exit, "{code}");
+            assert!(
+                failure.message.contains(words),
+                "{code}: {}",
+                failure.message
+            );
+            assert!(!failure.message.contains('\n'), "{code}");
+        }
+    }
 }

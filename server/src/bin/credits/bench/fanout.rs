@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use app::wire::{BalanceEvent, WsServerMsg};
+use app::wire::{BalanceEvent, WsServerMsg, paths};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::{sync::Semaphore, task::JoinSet};
@@ -97,7 +97,7 @@ pub async fn run(
     while load_started.elapsed() < duration {
         ticker.tick().await;
         let request = json!({ "user_id": user_id(n % users), "amount": 1, "type": "bench" });
-        let url = format!("{}/api/credits/changes", post_urls[n % post_urls.len()]);
+        let url = format!("{}{}", post_urls[n % post_urls.len()], paths::CHANGES);
         let (http, token, committed, latency) = (
             http.clone(),
             service_token.clone(),

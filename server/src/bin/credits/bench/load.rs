@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use app::wire::{BalanceEvent, BalanceSnapshot, ChangeRequest, HoldRequest, HoldResponse};
+use app::wire::{BalanceEvent, BalanceSnapshot, ChangeRequest, HoldRequest, HoldResponse, paths};
 use serde_json::json;
 use tokio::task::JoinSet;
 
@@ -31,7 +31,7 @@ pub async fn poll(
             &format!("bench-poll-{i}"),
             duration + Duration::from_secs(600),
         )?;
-        let (http, url) = (http.clone(), format!("{url}/api/credits/balance/poll"));
+        let (http, url) = (http.clone(), format!("{url}{}", paths::POLL));
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut failures = 0usize;
@@ -71,7 +71,7 @@ pub(super) async fn balance_of(
     token: &str,
 ) -> Result<BalanceSnapshot, Failure> {
     let request = http
-        .get(format!("{url}/api/credits/balance"))
+        .get(format!("{url}{}", paths::BALANCE))
         .bearer_auth(token);
     crate::watch::send(url, request)
         .await?
@@ -127,7 +127,7 @@ pub async fn changes(url: &str, load: &Load, out: Output) -> Result<(), Failure>
         expected.insert(u, balance_of(&http, url, &token).await?.balance);
         tokens.push(token);
     }
-    let endpoint = reqwest::Url::parse(&format!("{url}/api/credits/changes"))
+    let endpoint = reqwest::Url::parse(&format!("{url}{}", paths::CHANGES))
         .map_err(|err| Failure::usage(format!("--url: {err}")))?;
     let (client, prefix) = (http.clone(), prefix.to_owned());
     let run = spread(clients, total, move |n| {
@@ -203,7 +203,7 @@ pub async fn holds(url: &str, load: &Load, out: Output) -> Result<(), Failure> {
             idempotency_key: None,
         };
         let request = http
-            .post(format!("{url}/api/credits/changes"))
+            .post(format!("{url}{}", paths::CHANGES))
             .bearer_auth(&service_token)
             .json(&grant);
         let balance = crate::watch::send(url, request)
@@ -232,7 +232,7 @@ pub async fn holds(url: &str, load: &Load, out: Output) -> Result<(), Failure> {
         let (client, token, url) = (client.clone(), service_token.clone(), url_owned.clone());
         async move {
             let placed = client
-                .post(format!("{url}/api/credits/holds"))
+                .post(format!("{url}{}", paths::HOLDS))
                 .bearer_auth(&token)
                 .json(&request)
                 .send()
@@ -240,7 +240,10 @@ pub async fn holds(url: &str, load: &Load, out: Output) -> Result<(), Failure> {
                 .ok()?;
             let HoldResponse { hold, .. } = placed.json().await.ok()?;
             let captured = client
-                .post(format!("{url}/api/credits/holds/{}/capture", hold.id))
+                .post(format!(
+                    "{url}{}",
+                    paths::with_id(paths::HOLD_CAPTURE, &hold.id)
+                ))
                 .bearer_auth(&token)
                 .send()
                 .await

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use app::wire::paths;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use tokio::net::TcpSocket;
@@ -350,7 +351,7 @@ async fn open_ws(
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let request = format!("ws://{host}/ws?token={token}");
+    let request = format!("ws://{host}{}?token={token}", paths::WS);
     let (socket, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
         .map_err(|e| e.to_string())?;

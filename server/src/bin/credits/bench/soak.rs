@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use app::wire::{BalanceEvent, ChangeRequest, WsServerMsg};
+use app::wire::{BalanceEvent, ChangeRequest, WsServerMsg, paths};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::{
@@ -123,7 +123,7 @@ impl Soak<'_> {
         let endpoints: Arc<Vec<String>> = Arc::new(
             self.instances
                 .iter()
-                .map(|url| format!("{url}/api/credits/changes"))
+                .map(|url| format!("{url}{}", paths::CHANGES))
                 .collect(),
         );
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
