@@ -220,6 +220,71 @@ fn watchers_print_updates() {
     }
 }
 
+/// `ws --mint` refreshes its token in place before each expires: with 3-second tokens it
+/// stays on its first connection for four lifetimes and still prints the next change.
+#[test]
+fn ws_mint_refreshes_in_place() {
+    let (_dir, server) = start_server();
+    let url = format!("http://{}", server.addr);
+    let args = [
+        "ws", "--mint", "carol", "--ttl", "3s", "--secret", SECRET, "--url", &url, "--json",
+    ];
+    let mut child = credits(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watcher");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                return;
+            };
+            if lines.send(value).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || received.recv_timeout(std::time::Duration::from_secs(5));
+    let snapshot = next().expect("the snapshot");
+    assert_eq!(snapshot["version"], 0, "{snapshot}");
+    let mut refreshed = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(12) {
+        let line = next().expect("a refresh before the token expires");
+        assert!(line["refreshed_until"].is_string(), "{line}");
+        refreshed += 1;
+    }
+    assert!(refreshed >= 4, "{refreshed} refreshes in 12 s");
+    assert!(child.try_wait().expect("status").is_none(), "still running");
+
+    let applied = run(&[
+        "simulate",
+        "carol",
+        "7",
+        "grant",
+        "--url",
+        &url,
+        "--service-token",
+        SERVICE_KEY,
+    ]);
+    assert!(applied.status.success(), "{applied:?}");
+    let update = loop {
+        let line = next().expect("the change");
+        if line["refreshed_until"].is_null() {
+            break line;
+        }
+    };
+    assert_eq!(
+        (&update["version"], &update["balance"]),
+        (&Value::from(1), &Value::from(7))
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Refused tokens exit 3, an unreachable server exits 4, bad arguments exit 2 — each with
 /// one line on stderr.
 #[test]

@@ -42,7 +42,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print every balance update received over WebSocket.
-    Ws { token: String },
+    Ws {
+        /// A user token; or --mint.
+        #[arg(required_unless_present = "mint")]
+        token: Option<String>,
+        /// Mint tokens for this user with the secret, each refreshed in place before it
+        /// expires, for as long as the command runs.
+        #[arg(long, conflicts_with = "token")]
+        mint: Option<String>,
+        /// Lifetime of each minted token, e.g. 90s, 1h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        secret: Secret,
+    },
     /// Print every balance update received over Server-Sent Events.
     Sse { token: String },
     /// Print every balance update found by long-polling.
@@ -257,7 +270,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.url.trim_end_matches('/').to_owned();
     let out = watch::Output { json: cli.json };
     match cli.command {
-        Command::Ws { token } => watch::websocket(&url, &token, out).await,
+        Command::Ws {
+            token: Some(token), ..
+        } => watch::websocket(&url, &token, None, out).await,
+        Command::Ws {
+            mint, ttl, secret, ..
+        } => {
+            let user_id = mint.ok_or_else(|| Failure::usage("pass a token or --mint <user>"))?;
+            let refresh = || secret.user_token(&user_id, ttl);
+            watch::websocket(&url, &refresh()?, Some(&refresh), out).await
+        }
         Command::Sse { token } => watch::sse(&url, &token, out).await,
         Command::Poll { token, wait } => watch::poll(&url, &token, wait, out).await,
         Command::Simulate {

@@ -4,11 +4,11 @@
 use std::{io::Write, time::Duration};
 
 use app::wire::{
-    ApiError, BalanceEvent, ChangeRequest, PollResponse, WsServerMsg,
+    ApiError, BalanceEvent, ChangeRequest, PollResponse, WsClientMsg, WsServerMsg,
     close::{self, Advice},
     paths,
 };
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, Message, protocol::CloseFrame};
 
@@ -94,7 +94,14 @@ fn ws_url(url: &str, token: &str) -> String {
     format!("{base}{}?token={token}", paths::WS)
 }
 
-pub async fn websocket(url: &str, token: &str, out: Output) -> Result<(), Failure> {
+/// Prints every update over WebSocket. With `refresh`, each `auth_expiring` warning is
+/// answered in place with a fresh token from it, so the connection outlives any one token.
+pub async fn websocket(
+    url: &str,
+    token: &str,
+    refresh: Option<&dyn Fn() -> Result<String, Failure>>,
+    out: Output,
+) -> Result<(), Failure> {
     let (socket, _) = match tokio_tungstenite::connect_async(ws_url(url, token)).await {
         Ok(connected) => connected,
         Err(tungstenite::Error::Http(response)) if response.status() == 401 => {
@@ -104,15 +111,28 @@ pub async fn websocket(url: &str, token: &str, out: Output) -> Result<(), Failur
         }
         Err(err) => return Err(Failure::unreachable(url, err)),
     };
-    let (_sink, mut frames) = socket.split();
+    let lost = |err: tungstenite::Error| Failure::other(format!("connection lost: {err}"));
+    let (mut sink, mut frames) = socket.split();
     while let Some(frame) = frames.next().await {
-        match frame.map_err(|err| Failure::other(format!("connection lost: {err}")))? {
-            Message::Text(text) => {
-                if let Ok(WsServerMsg::Balance(event)) = serde_json::from_str(&text) {
-                    out.update("websocket", &event);
+        let text = match frame.map_err(lost)? {
+            Message::Text(text) => text,
+            Message::Close(frame) => return Err(closed(frame.as_ref())),
+            _ => continue,
+        };
+        match serde_json::from_str(&text) {
+            Ok(WsServerMsg::Balance(event)) => out.update("websocket", &event),
+            Ok(WsServerMsg::AuthExpiring { .. }) => {
+                if let Some(refresh) = refresh {
+                    let auth = WsClientMsg::Auth { token: refresh()? };
+                    let frame = serde_json::to_string(&auth)
+                        .map_err(|err| Failure::other(format!("cannot encode: {err}")))?;
+                    sink.send(Message::text(frame)).await.map_err(lost)?;
                 }
             }
-            Message::Close(frame) => return Err(closed(frame.as_ref())),
+            Ok(WsServerMsg::AuthOk { expires_at, .. }) => out.line(
+                &format!("[websocket] token refreshed, valid until {expires_at}"),
+                &json!({ "transport": "websocket", "refreshed_until": expires_at }),
+            ),
             _ => {}
         }
     }
