@@ -128,7 +128,7 @@ fn hold_capture_release() {
         assert!(output.status.success(), "{args:?}: {output:?}");
         serde_json::from_slice::<Value>(&output.stdout).expect("JSON line")
     };
-    let placed = hold(&[
+    let place = [
         "hold",
         "bob",
         "30",
@@ -136,20 +136,13 @@ fn hold_capture_release() {
         "2m",
         "--idempotency-key",
         "job-1",
-    ]);
+    ];
+    let placed = hold(&place);
     assert_eq!(
         (&placed["event"]["available"], &placed["hold"]["status"]),
         (&Value::from(70), &Value::from("held"))
     );
-    let again = hold(&[
-        "hold",
-        "bob",
-        "30",
-        "--ttl",
-        "2m",
-        "--idempotency-key",
-        "job-1",
-    ]);
+    let again = hold(&place);
     assert_eq!(
         (&again["hold"], &again["replayed"]),
         (&placed["hold"], &Value::from(true))
