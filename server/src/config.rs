@@ -24,6 +24,8 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 /// Shortest accepted secret: an HS256 key any shorter can be brute-forced offline from a
 /// single token it signed, and then anyone could mint service tokens (SPEC §10).
 pub const MIN_SECRET_BYTES: usize = 32;
+/// How long a dev sign-in lasts when `LIVECREDITS_DEV_SESSION_TTL_S` is unset.
+pub const DEFAULT_DEV_SESSION_TTL: chrono::Duration = chrono::Duration::hours(24);
 
 /// A setting that stops start-up; `Display` is the one line shown to the operator.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,9 @@ pub struct Config {
     pub supabase_service_role_key: Option<String>,
     /// Dev sign-in and dev credit routes (`LIVECREDITS_DEV_LOGIN=1`).
     pub dev_login: bool,
+    /// How long a dev sign-in's token lasts (`LIVECREDITS_DEV_SESSION_TTL_S`); short values
+    /// let one watch tokens being refreshed in place.
+    pub dev_session_ttl: chrono::Duration,
     /// The URL browsers use (`LIVECREDITS_PUBLIC_URL`); https turns on `Secure` cookies,
     /// HSTS and a strict WebSocket `Origin` check.
     pub public_url: PublicUrl,
@@ -180,6 +185,13 @@ impl Config {
                 .map_err(|_| invalid("LIVECREDITS_CLIMB_INTERVAL_MS", "too large"))?,
             None => app::wire::DEFAULT_CLIMB_INTERVAL_MS,
         };
+        let dev_session_ttl = match var("LIVECREDITS_DEV_SESSION_TTL_S") {
+            Some(value) => i64::try_from(parse_count("LIVECREDITS_DEV_SESSION_TTL_S", &value)?)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .ok_or_else(|| invalid("LIVECREDITS_DEV_SESSION_TTL_S", "too large"))?,
+            None => DEFAULT_DEV_SESSION_TTL,
+        };
         let max_connections = var("LIVECREDITS_MAX_CONNECTIONS")
             .map(|value| parse_count("LIVECREDITS_MAX_CONNECTIONS", &value))
             .transpose()?;
@@ -199,6 +211,7 @@ impl Config {
             supabase_url,
             supabase_service_role_key,
             dev_login,
+            dev_session_ttl,
             public_url,
             allowed_origins,
             data_dir: var("LIVECREDITS_DATA_DIR")
@@ -417,6 +430,7 @@ mod tests {
         assert_eq!(config.realtime.limits.live_per_user, 32);
         assert_eq!(config.realtime.limits.polls_per_user, 8);
         assert_eq!(config.max_connections, None);
+        assert_eq!(config.dev_session_ttl, DEFAULT_DEV_SESSION_TTL);
     }
 
     /// Every variable of SPEC §2 is read.
@@ -441,6 +455,7 @@ mod tests {
             ("LIVECREDITS_MAX_POLLS_PER_USER", "2"),
             ("LIVECREDITS_MAX_CONNECTIONS", "1000"),
             ("LIVECREDITS_PUBLIC_URL", "HTTPS://App.Example:443/"),
+            ("LIVECREDITS_DEV_SESSION_TTL_S", "90"),
         ])
         .expect("valid");
         assert_eq!(config.site_addr.port(), 8080);
@@ -462,6 +477,7 @@ mod tests {
         assert_eq!(config.realtime.limits.live_per_user, 4);
         assert_eq!(config.realtime.limits.polls_per_user, 2);
         assert_eq!(config.max_connections, Some(1000));
+        assert_eq!(config.dev_session_ttl, chrono::Duration::seconds(90));
         assert_eq!(
             config.allowed_origins,
             ["https://a.example", "http://localhost:5173"]
@@ -499,6 +515,8 @@ mod tests {
             ("CORS_ORIGINS", "https://a.example/path"),
             ("LIVECREDITS_MAX_LIVE_PER_USER", "0"),
             ("LIVECREDITS_MAX_CONNECTIONS", "lots"),
+            ("LIVECREDITS_DEV_SESSION_TTL_S", "0"),
+            ("LIVECREDITS_DEV_SESSION_TTL_S", "99999999999999999999"),
             ("LIVECREDITS_PUBLIC_URL", "https://app.example/path"),
             ("LIVECREDITS_PUBLIC_URL", "ftp://app.example"),
             ("SUPABASE_SERVICE_ROLE_KEY", "short-key"),

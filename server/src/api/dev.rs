@@ -13,7 +13,6 @@ use axum::{
     routing::post,
 };
 use axum_extra::extract::CookieJar;
-use chrono::Duration;
 
 use super::{changes::apply, holds};
 use crate::{
@@ -22,9 +21,6 @@ use crate::{
     error::{ApiError, AppJson, OptionalJson},
     store::{NewChange, NewHold, Settle, validate_user_id},
 };
-
-/// How long a dev session lasts.
-const SESSION_TTL: Duration = Duration::hours(24);
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -41,7 +37,9 @@ async fn login(
     AppJson(request): AppJson<DevLoginRequest>,
 ) -> Result<(CookieJar, Json<DevLoginResponse>), ApiError> {
     validate_user_id(&request.user_id)?;
-    let (token, expires_at) = state.auth.mint_user_token(&request.user_id, SESSION_TTL)?;
+    let (token, expires_at) = state
+        .auth
+        .mint_user_token(&request.user_id, state.config.dev_session_ttl)?;
     let cookie = auth::session_cookie(
         token.clone(),
         expires_at,
