@@ -1,12 +1,13 @@
 //! The browser half of the live balance (hydrate only): runs the connection machine with
 //! real WebSockets, EventSources, fetches and timers, feeds what happens back into it, and
-//! writes the results into the [`CreditContext`] signals.
+//! writes the results into the [`CreditContext`] signals. With the user's other tabs it
+//! runs the [`tabs`](super::tabs) machine: only the leading tab connects.
 
 use std::{cell::RefCell, rc::Rc, time::Duration};
 
 use futures::{
-    FutureExt, StreamExt,
-    channel::mpsc::{self, UnboundedSender},
+    FutureExt, SinkExt, StreamExt,
+    channel::mpsc::{self, UnboundedReceiver, UnboundedSender},
     future::{AbortHandle, Abortable},
 };
 use gloo_net::{
@@ -18,13 +19,15 @@ use gloo_timers::future::sleep;
 use leptos::{prelude::*, task::spawn_local};
 
 use super::{
-    Control, CreditContext, HoldAction, PAGE_CONTEXT_ID,
-    machine::{Command, Ending, Input, Machine, Transport, Tuning},
+    Control, CreditContext, HoldAction, PAGE_CONTEXT_ID, TokenSource,
+    group::Group,
+    machine::{Command, Ending, Input, Machine, Mode, Status, Transport, Tuning},
+    tabs::{Duty, Role, Tabs},
 };
 use crate::wire::{
     ApiError, BalanceEvent, CaptureRequest, DevCreditRequest, DevHoldRequest, DevLoginRequest,
-    HoldList, PageContext, PollResponse, SessionInfo, SessionRequest, TransactionPage, WsServerMsg,
-    close, paths,
+    DevLoginResponse, HoldList, PageContext, PollResponse, SessionInfo, SessionRequest,
+    TransactionPage, WsClientMsg, WsServerMsg, close, paths,
 };
 
 /// How long a long-poll is held by the server.
@@ -33,6 +36,10 @@ const LONG_POLL_WAIT_SECS: u32 = 25;
 const LEDGER_PAGE: u32 = 10;
 /// Polling slows down this much while the tab is hidden.
 const HIDDEN_SLOWDOWN: u32 = 3;
+/// How often the leading tab counts the tabs that share its connection.
+const TAB_COUNT_INTERVAL: Duration = Duration::from_secs(1);
+/// What every tab shows when an expired session cannot be renewed.
+const EXPIRED: &str = "Your session expired. Sign in again.";
 
 /// The page context the server embedded in the page.
 pub fn embedded_page_context() -> Option<PageContext> {
@@ -40,8 +47,8 @@ pub fn embedded_page_context() -> Option<PageContext> {
     serde_json::from_str(&element.text_content()?).ok()
 }
 
-/// Starts the driver for `context` and connects if someone is signed in.
-pub fn start(context: CreditContext) {
+/// Starts the driver for `context` and, if someone is signed in, joins their tab group.
+pub fn start(context: CreditContext, token_source: Option<TokenSource>) {
     let (controls, inbox) = mpsc::unbounded();
     context.controls.set_value(Some(controls.clone()));
     let forward = |controls: UnboundedSender<Control>, input: Input| {
@@ -67,14 +74,19 @@ pub fn start(context: CreditContext) {
             }
         },
     ));
-    if context.user.get_untracked().is_some() {
-        let _ = controls.unbounded_send(Control::Machine(Input::Start));
+    if let Some(user_id) = context.user.get_untracked() {
+        let _ = controls.unbounded_send(Control::SignedIn(user_id));
     }
     let driver = Driver {
         context,
         controls,
         machine: Rc::new(RefCell::new(Machine::new(tuning(context)))),
         running: Vec::new(),
+        tabs: Tabs::default(),
+        group: None,
+        token_source,
+        frames: None,
+        counting: false,
     };
     spawn_local(driver.run(inbox));
 }
@@ -92,6 +104,14 @@ struct Driver {
     machine: Rc<RefCell<Machine>>,
     /// The transports and probes of the current attempt.
     running: Vec<AbortHandle>,
+    tabs: Tabs,
+    /// This tab's membership of the user's tab group, while signed in where supported.
+    group: Option<Group>,
+    token_source: Option<TokenSource>,
+    /// Frames for the current WebSocket to send (token refreshes).
+    frames: Option<UnboundedSender<WsClientMsg>>,
+    /// Whether the leader's tab count is being kept up to date.
+    counting: bool,
 }
 
 impl Driver {
@@ -103,8 +123,50 @@ impl Driver {
 
     fn handle(&mut self, control: Control) {
         match control {
+            Control::Machine(Input::SetMode(mode)) => {
+                let duties = self.tabs.set_mode(mode);
+                self.perform(duties);
+            }
             Control::Machine(input) => self.feed(input),
             Control::Event(event) => self.apply(*event),
+            Control::Relay(relay) => {
+                let duties = self.tabs.heard(relay);
+                self.perform(duties);
+            }
+            Control::Elected => {
+                let duties = self.tabs.elected();
+                self.context.role.set(self.tabs.role());
+                self.context.note("leading this browser's tabs");
+                self.perform(duties);
+                if !self.counting {
+                    self.counting = true;
+                    self.count_tabs();
+                }
+            }
+            Control::CountTabs => self.count_tabs(),
+            Control::Counted(tabs) => {
+                self.context.tabs.set(tabs);
+                let duties = self.tabs.counted(tabs);
+                self.perform(duties);
+            }
+            Control::AuthExpiring => {
+                if let Some(frames) = self.frames.clone() {
+                    spawn_local(refresh_in_place(
+                        self.context,
+                        self.token_source.clone(),
+                        frames,
+                    ));
+                }
+            }
+            Control::Refreshed(expires_at) => self.context.note(format!(
+                "token refreshed in place, valid until {}",
+                expires_at.format("%H:%M:%S")
+            )),
+            Control::Reauthenticated => self.feed(Input::Start),
+            Control::Expired => {
+                let duties = self.tabs.sign_out(Some(EXPIRED.into()));
+                self.perform(duties);
+            }
             Control::Refresh => spawn_local(refresh(self.controls.clone())),
             Control::SignInDev(user_id) => {
                 spawn_local(sign_in_dev(self.context, self.controls.clone(), user_id));
@@ -114,18 +176,22 @@ impl Driver {
             }
             Control::SignedIn(user_id) => {
                 // A new user starts from scratch: no version of theirs has been seen.
+                self.group = None;
+                if self.machine.borrow().status() != Status::SignedOut {
+                    self.feed(Input::Stop);
+                }
                 *self.machine.borrow_mut() = Machine::new(tuning(self.context));
+                self.group = Group::join(&user_id, self.controls.clone());
                 self.context.user.set(Some(user_id));
                 self.context.notice.set(None);
-                self.feed(Input::Start);
+                let duties = self.tabs.join(self.group.is_some());
+                self.context.role.set(self.tabs.role());
+                self.context.tabs.set(1);
+                self.perform(duties);
             }
             Control::SignOut => {
-                self.feed(Input::Stop);
-                self.context.user.set(None);
-                self.context.balance.set(None);
-                self.context.held.set(0);
-                self.context.ledger.set(None);
-                self.context.holds.set(None);
+                let duties = self.tabs.sign_out(None);
+                self.perform(duties);
                 spawn_local(sign_out());
             }
             Control::Simulate { amount, kind } => {
@@ -137,7 +203,32 @@ impl Driver {
         }
     }
 
-    /// Steps the machine and carries out its commands.
+    /// Carries out what the tab group asks of this tab.
+    fn perform(&mut self, duties: Vec<Duty>) {
+        for duty in duties {
+            match duty {
+                Duty::Post(relay) => {
+                    if let Some(group) = &self.group {
+                        group.post(&relay);
+                    }
+                }
+                Duty::Feed(input) => self.feed(input),
+                Duty::Apply(event) => self.apply(*event),
+                Duty::Show(shared) => {
+                    self.show(
+                        shared.status,
+                        shared.transport,
+                        shared.mode,
+                        shared.attempts,
+                    );
+                    self.context.tabs.set(shared.tabs);
+                }
+                Duty::SignOut { notice } => self.signed_out(notice),
+            }
+        }
+    }
+
+    /// Steps the machine and carries out its commands; a leader relays the outcome.
     fn feed(&mut self, input: Input) {
         let commands = self
             .machine
@@ -146,9 +237,26 @@ impl Driver {
         for command in commands {
             self.execute(command);
         }
-        let machine = self.machine.borrow();
+        if self.tabs.role() == Role::Follower {
+            return;
+        }
+        let (status, transport, mode, attempts) = {
+            let machine = self.machine.borrow();
+            (
+                machine.status(),
+                machine.transport(),
+                machine.mode(),
+                machine.failures(),
+            )
+        };
+        self.show(status, transport, mode, attempts);
+        let duties = self.tabs.connection(status, transport, mode, attempts);
+        self.perform(duties);
+    }
+
+    /// Shows a connection's state, this tab's or the leader's.
+    fn show(&self, status: Status, transport: Option<Transport>, mode: Mode, attempts: u32) {
         let context = self.context;
-        let (status, transport) = (machine.status(), machine.transport());
         if context.status.get_untracked() != status
             || context.transport.get_untracked() != transport
         {
@@ -157,8 +265,42 @@ impl Driver {
         }
         context.status.set(status);
         context.transport.set(transport);
-        context.mode.set(machine.mode());
-        context.attempts.set(machine.failures());
+        context.mode.set(mode);
+        context.attempts.set(attempts);
+    }
+
+    /// Signed out here or in another tab: stop, leave the group and forget the user.
+    fn signed_out(&mut self, notice: Option<String>) {
+        self.feed(Input::Stop);
+        self.group = None;
+        let context = self.context;
+        context.role.set(Role::Alone);
+        context.tabs.set(1);
+        context.user.set(None);
+        context.balance.set(None);
+        context.held.set(0);
+        context.ledger.set(None);
+        context.holds.set(None);
+        context.notice.set(notice);
+    }
+
+    /// The leader counts the tabs sharing its connection, now and every so often.
+    fn count_tabs(&mut self) {
+        let group = match &self.group {
+            Some(group) if self.tabs.role() == Role::Leader => group,
+            _ => {
+                self.counting = false;
+                return;
+            }
+        };
+        let (count, controls) = (group.count(), self.controls.clone());
+        spawn_local(async move {
+            if let Some(tabs) = count.await {
+                let _ = controls.unbounded_send(Control::Counted(tabs));
+            }
+            sleep(TAB_COUNT_INTERVAL).await;
+            let _ = controls.unbounded_send(Control::CountTabs);
+        });
     }
 
     fn execute(&mut self, command: Command) {
@@ -172,7 +314,11 @@ impl Driver {
             Command::Open { transport, attempt } => {
                 self.context.note(format!("opening {}", transport.label()));
                 let task = match transport {
-                    Transport::WebSocket => websocket(controls, attempt).boxed_local(),
+                    Transport::WebSocket => {
+                        let (frames, outgoing) = mpsc::unbounded();
+                        self.frames = Some(frames);
+                        websocket(controls, attempt, outgoing).boxed_local()
+                    }
                     Transport::Sse => sse(controls, attempt).boxed_local(),
                     Transport::Polling => polling(controls, attempt).boxed_local(),
                 };
@@ -186,18 +332,12 @@ impl Driver {
                 let _ = controls.unbounded_send(Control::Machine(input));
             }),
             Command::Reauthenticate => {
-                let user = self.context.user.get_untracked();
-                match user {
-                    Some(user_id) if self.context.dev_login => {
-                        self.context
-                            .note("token expired: signing in again (dev mode)");
-                        spawn_local(sign_in_dev(self.context, controls, user_id));
-                    }
-                    _ => self
-                        .context
-                        .notice
-                        .set(Some("Your session expired. Sign in again.".into())),
-                }
+                self.context.note("token expired: asking for a fresh one");
+                spawn_local(reauthenticate(
+                    self.context,
+                    self.token_source.clone(),
+                    controls,
+                ));
             }
             Command::GiveUp => {
                 self.context.note("refused by the server: not retrying");
@@ -232,6 +372,8 @@ impl Driver {
         context.held.set(event.held);
         context.version.set(event.version);
         context.last_update.set(event.updated_at);
+        let duties = self.tabs.applied(&event);
+        self.perform(duties);
         // A change or a hold flashes what it did to the available credits.
         if event.change.is_some() || event.hold.is_some() {
             let moved = before.map_or_else(
@@ -267,7 +409,12 @@ fn ws_url() -> String {
 }
 
 /// A WebSocket counts as open once the snapshot arrives: that proves auth and server.
-async fn websocket(controls: UnboundedSender<Control>, attempt: u64) {
+/// `outgoing` carries the frames the driver sends on it (token refreshes).
+async fn websocket(
+    controls: UnboundedSender<Control>,
+    attempt: u64,
+    mut outgoing: UnboundedReceiver<WsClientMsg>,
+) {
     let Ok(socket) = WebSocket::open(&ws_url()) else {
         return send(
             &controls,
@@ -277,19 +424,36 @@ async fn websocket(controls: UnboundedSender<Control>, attempt: u64) {
             },
         );
     };
-    let (_write, mut read) = socket.split();
+    let (mut write, read) = socket.split();
+    let mut read = read.fuse();
     let mut opened = false;
     let ending = loop {
-        match read.next().await {
-            Some(Ok(Message::Text(text))) => {
-                if let Ok(WsServerMsg::Balance(event)) = serde_json::from_str(&text) {
+        let received = futures::select! {
+            frame = outgoing.select_next_some() => {
+                if let Ok(text) = serde_json::to_string(&frame) {
+                    let _ = write.send(Message::Text(text)).await;
+                }
+                continue;
+            }
+            received = read.next() => received,
+        };
+        match received {
+            Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                Ok(WsServerMsg::Balance(event)) => {
                     if !opened {
                         opened = true;
                         send(&controls, Input::Opened { attempt });
                     }
                     deliver(&controls, event);
                 }
-            }
+                Ok(WsServerMsg::AuthExpiring { .. }) => {
+                    let _ = controls.unbounded_send(Control::AuthExpiring);
+                }
+                Ok(WsServerMsg::AuthOk { expires_at, .. }) => {
+                    let _ = controls.unbounded_send(Control::Refreshed(expires_at));
+                }
+                _ => {}
+            },
             Some(Ok(Message::Bytes(_))) => {}
             Some(Err(WebSocketError::ConnectionClose(event)))
                 if event.code >= close::POLICY && event.code != close::ABNORMAL =>
@@ -477,6 +641,63 @@ async fn sign_in_dev(context: CreditContext, controls: UnboundedSender<Control>,
         }
         Err(message) => context.notice.set(Some(message)),
     }
+}
+
+/// A fresh token for the signed-in user, with the session cookie renewed: from the embedding
+/// app's token source, or in dev mode by signing the same user in again.
+async fn fresh_token(
+    context: CreditContext,
+    source: Option<TokenSource>,
+) -> Result<String, String> {
+    if let Some(source) = source {
+        let token = source.token().await?;
+        post_json(
+            paths::SESSION,
+            &SessionRequest {
+                token: token.clone(),
+            },
+        )
+        .await?;
+        return Ok(token);
+    }
+    let user_id = context.user.get_untracked().ok_or("signed out")?;
+    if !context.dev_login {
+        return Err("no token source to renew the session".into());
+    }
+    let response = post_json(paths::DEV_LOGIN, &DevLoginRequest { user_id }).await?;
+    let session = response
+        .json::<DevLoginResponse>()
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(session.token)
+}
+
+/// Answers `auth_expiring`: sends a fresh token on the open WebSocket (SPEC §11).
+async fn refresh_in_place(
+    context: CreditContext,
+    source: Option<TokenSource>,
+    frames: UnboundedSender<WsClientMsg>,
+) {
+    match fresh_token(context, source).await {
+        Ok(token) => {
+            let _ = frames.unbounded_send(WsClientMsg::Auth { token });
+        }
+        Err(message) => context.note(format!("cannot refresh the token: {message}")),
+    }
+}
+
+/// After an expiry (4001, or SSE's and polling's equivalents): renew the session and
+/// connect again, or sign every tab out.
+async fn reauthenticate(
+    context: CreditContext,
+    source: Option<TokenSource>,
+    controls: UnboundedSender<Control>,
+) {
+    let next = match fresh_token(context, source).await {
+        Ok(_) => Control::Reauthenticated,
+        Err(_) => Control::Expired,
+    };
+    let _ = controls.unbounded_send(next);
 }
 
 async fn sign_in_token(context: CreditContext, controls: UnboundedSender<Control>, token: String) {

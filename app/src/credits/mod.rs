@@ -1,19 +1,25 @@
 //! The live balance in the browser: [`CreditContext`] holds it as reactive signals,
 //! [`CreditProvider`] fills it from the page context on the server (first paint) and keeps it
-//! live in the browser through the connection [`machine`] and its driver.
+//! live in the browser through the connection [`machine`] and its driver, one connection per
+//! browser shared by the user's [`tabs`].
 
 #[cfg(feature = "hydrate")]
 mod browser;
 pub mod format;
+#[cfg(feature = "hydrate")]
+mod group;
 pub mod machine;
+pub mod tabs;
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, future::Future, rc::Rc};
 
 use chrono::{DateTime, Utc};
+use futures::future::{FutureExt, LocalBoxFuture};
 use leptos::prelude::*;
 
 use crate::wire::{BalanceEvent, Hold, PageContext, TransactionPage};
 use machine::{Input, Mode, Status, Transport};
+use tabs::Role;
 
 /// Connection events kept for the debug page.
 pub const LOG_CAPACITY: usize = 50;
@@ -51,6 +57,50 @@ pub enum Control {
     LoadHolds,
     /// Dev mode: place, capture or release a hold on one's own credits.
     Hold(HoldAction),
+    /// A message from another tab of this user.
+    Relay(tabs::Relay),
+    /// This tab now holds the user's lock: it leads.
+    Elected,
+    /// Time for the leader to count the group's tabs.
+    CountTabs,
+    Counted(u32),
+    /// The WebSocket's credential expires soon: refresh it in place.
+    AuthExpiring,
+    /// The server took the fresh token; it is valid until then.
+    Refreshed(DateTime<Utc>),
+    /// An expired session was renewed: connect again as the same user.
+    Reauthenticated,
+    /// An expired session could not be renewed: every tab signs out.
+    Expired,
+}
+
+/// Where fresh tokens for the signed-in user come from (SPEC §11): the embedding app's
+/// identity client, e.g. a closure around Supabase's `getSession`. The leading tab asks it
+/// before its credential expires, refreshes the connection in place and renews the session
+/// cookie with the answer.
+#[derive(Clone)]
+pub struct TokenSource(
+    #[cfg_attr(
+        not(feature = "hydrate"),
+        expect(dead_code, reason = "only the browser asks for tokens")
+    )]
+    Rc<dyn Fn() -> LocalBoxFuture<'static, Result<String, String>>>,
+);
+
+impl TokenSource {
+    /// `fetch` answers a fresh token, or why there is none.
+    pub fn new<F, Fut>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + 'static,
+        Fut: Future<Output = Result<String, String>> + 'static,
+    {
+        Self(Rc::new(move || fetch().boxed_local()))
+    }
+
+    #[cfg(feature = "hydrate")]
+    async fn token(&self) -> Result<String, String> {
+        (self.0)().await
+    }
 }
 
 /// What the debug page asks of the user's holds in dev mode.
@@ -82,6 +132,9 @@ pub struct CreditContext {
     /// The last change's amount and a counter, so the navbar can flash each one.
     pub last_change: RwSignal<Option<(i64, u64)>>,
     pub attempts: RwSignal<u32>,
+    /// This tab's part in the user's tab group, and how many tabs share the connection.
+    pub role: RwSignal<Role>,
+    pub tabs: RwSignal<u32>,
     pub log: RwSignal<VecDeque<LogEntry>>,
     pub ledger: RwSignal<Option<TransactionPage>>,
     /// The user's active holds, newest first, once loaded.
@@ -113,6 +166,8 @@ impl CreditContext {
             last_event: RwSignal::new(None),
             last_change: RwSignal::new(None),
             attempts: RwSignal::new(0),
+            role: RwSignal::new(Role::Alone),
+            tabs: RwSignal::new(1),
             log: RwSignal::new(VecDeque::new()),
             ledger: RwSignal::new(None),
             holds: RwSignal::new(None),
@@ -161,12 +216,20 @@ pub fn use_credits() -> CreditContext {
 /// Provides [`CreditContext`] to `children`: from the request on the server, from the
 /// embedded page context in the browser, where it also starts the live connection.
 #[component]
-pub fn CreditProvider(children: Children) -> impl IntoView {
+pub fn CreditProvider(
+    /// Fresh tokens for the signed-in user. Without one, dev mode signs the same user in
+    /// again, and other sessions end at their token's expiry.
+    #[prop(optional)]
+    token_source: Option<TokenSource>,
+    children: Children,
+) -> impl IntoView {
     let page = page_context();
     let context = CreditContext::new(&page);
     provide_context(context);
     #[cfg(feature = "hydrate")]
-    browser::start(context);
+    browser::start(context, token_source);
+    #[cfg(not(feature = "hydrate"))]
+    drop(token_source);
     children()
 }
 

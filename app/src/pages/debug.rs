@@ -1,4 +1,5 @@
-//! The debug page: the connection as the client sees it, buttons that force each transport,
+//! The debug page: the connection as the client sees it (and whether this tab leads it),
+//! buttons that force each transport on the connection the tabs share,
 //! the user's active holds, ledger (积分明细) and the connection log; in dev mode, simulated
 //! changes and holds.
 
@@ -60,6 +61,10 @@ fn Connection(credits: CreditContext) -> impl IntoView {
             <dd data-testid="debug-version">{move || credits.version.get()}</dd>
             <dt>"Failed attempts"</dt>
             <dd data-testid="debug-attempts">{move || credits.attempts.get()}</dd>
+            <dt>"This tab"</dt>
+            <dd data-testid="debug-role">{move || credits.role.get().label()}</dd>
+            <dt>"Tabs sharing it"</dt>
+            <dd data-testid="debug-tabs">{move || credits.tabs.get()}</dd>
         </dl>
         <details>
             <summary>"Last event"</summary>

@@ -9,10 +9,12 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::wire::close::{self, Advice};
 
 /// A way of receiving balance events, best first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Transport {
     WebSocket,
     Sse,
@@ -40,7 +42,7 @@ impl Transport {
 }
 
 /// What the user sees of the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     Connecting,
     Live,
@@ -66,7 +68,7 @@ impl Status {
 }
 
 /// Which transports the machine may use: all in order, one only (debug page), or none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
     Auto,
     Only(Transport),
