@@ -1,5 +1,6 @@
 //! `/api/credits/sse` against a real server with a streaming HTTP client: headers, snapshot
-//! and retry, `Last-Event-ID`, heartbeats, `auth_expired`, limits and shutdown.
+//! and retry, `Last-Event-ID`, heartbeats, `auth_expired` and refreshing by reconnecting,
+//! limits and shutdown.
 
 mod common;
 
@@ -125,6 +126,36 @@ async fn expiry_sends_auth_expired_then_ends() {
         "auth_expired {after_exp} ms after exp"
     );
     assert!(sse.next_event().await.is_none(), "the stream ends");
+}
+
+/// SSE refreshes by reconnecting (SPEC §11): after `auth_expired`, a fresh token for the same
+/// user with `Last-Event-ID` of the last event seen gets no repeated snapshot, only what
+/// comes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_by_reconnecting_repeats_no_snapshot() {
+    let (_db, server) = server().await;
+    server.change("gina", 5).await;
+    let short = sign(
+        json!({"sub": "gina", "exp": now_plus(1)}),
+        Algorithm::HS256,
+        &EncodingKey::from_secret(common::SECRET.as_bytes()),
+    );
+    let mut expiring = SseStream::open(&server, &short, None).await;
+    let seen = expiring.next_balance().await["version"]
+        .as_i64()
+        .expect("version");
+    let expired = expiring.next_event().await.expect("auth_expired");
+    assert_eq!(expired.event, "auth_expired");
+
+    let mut renewed = SseStream::open(&server, &user_token("gina"), Some(seen)).await;
+    assert!(renewed.next_event().await.expect("retry").retry.is_some());
+    server.change("gina", 2).await;
+    let next = renewed.next_event().await.expect("event");
+    assert_eq!(
+        (next.id.as_deref(), next.json()["change"]["amount"].as_i64()),
+        (Some("2"), Some(2)),
+        "the change, with no snapshot of version {seen} before it"
+    );
 }
 
 /// The 33rd live connection is refused with 429 `too_many_connections`.
