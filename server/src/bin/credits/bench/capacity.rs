@@ -22,6 +22,7 @@ pub async fn run(
     target: SocketAddr,
     transport: &str,
     connections: usize,
+    per_user: usize,
     hold: Duration,
     server_pid: Option<u32>,
     spread: &Spread,
@@ -52,7 +53,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     for i in 0..connections {
         let token = secret.user_token(
-            &format!("{}-{i}", spread.prefix),
+            &format!("{}-{}", spread.prefix, i / per_user),
             hold + Duration::from_secs(600),
         )?;
         let source = spread.sources[i % spread.sources.len()];
@@ -111,7 +112,7 @@ pub async fn run(
     let rate = open_count as f64 / open_secs;
     out.line(
         &format!(
-            "{transport}: opened {open_count}/{connections} at {rate:.0}/s; held {} for {hold:?} ({dropped_during} dropped); server RSS {} → {} KiB = {} KiB per connection",
+            "{transport}: opened {open_count}/{connections} ({per_user} per user) at {rate:.0}/s; held {} for {hold:?} ({dropped_during} dropped); server RSS {} → {} KiB = {} KiB per connection",
             open_count.saturating_sub(dropped_during),
             baseline.map_or("?".into(), |v| v.to_string()),
             loaded.map_or("?".into(), |v| v.to_string()),
@@ -119,7 +120,7 @@ pub async fn run(
         ),
         &json!({
             "bench": "capacity", "transport": transport, "requested": connections,
-            "opened": open_count, "dropped": dropped_during, "open_per_second": rate,
+            "per_user": per_user, "opened": open_count, "dropped": dropped_during, "open_per_second": rate,
             "hold_seconds": hold.as_secs(), "rss_before_kib": baseline, "rss_after_kib": loaded,
             "rss_per_connection_kib": per_connection,
         }),

@@ -37,6 +37,9 @@ pub enum Bench {
         transport: String,
         #[arg(long)]
         connections: usize,
+        /// Connections per user, as when every tab of a browser held its own.
+        #[arg(long, default_value_t = 1)]
+        per_user: usize,
         /// How long to hold them open.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         hold: Duration,
@@ -136,6 +139,7 @@ impl Bench {
             Self::Capacity {
                 transport,
                 connections,
+                per_user,
                 hold,
                 server_pid,
                 spread,
@@ -146,11 +150,13 @@ impl Bench {
                     "--connections exceeds the open-files limit",
                 )?;
                 check(hold <= MAX_DURATION, "--hold is limited to 15 minutes")?;
+                check(per_user > 0, "--per-user must be at least 1")?;
                 capacity::run(
                     url,
                     target,
                     &transport,
                     connections,
+                    per_user,
                     hold,
                     server_pid,
                     &spread,
