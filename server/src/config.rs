@@ -24,6 +24,10 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 /// Shortest accepted secret: an HS256 key any shorter can be brute-forced offline from a
 /// single token it signed, and then anyone could mint service tokens (SPEC §10).
 pub const MIN_SECRET_BYTES: usize = 32;
+/// How long a user's channel lingers when `LIVECREDITS_CHANNEL_LINGER_S` is unset, and the
+/// most it may (SPEC §6.1).
+pub const DEFAULT_CHANNEL_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+pub const MAX_CHANNEL_LINGER: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a dev sign-in lasts when `LIVECREDITS_DEV_SESSION_TTL_S` is unset.
 pub const DEFAULT_DEV_SESSION_TTL: chrono::Duration = chrono::Duration::hours(24);
 
@@ -84,6 +88,9 @@ pub struct Config {
     pub supabase_url: Option<String>,
     /// Supabase `apikey`, also accepted as a service credential (`SUPABASE_SERVICE_ROLE_KEY`).
     pub supabase_service_role_key: Option<String>,
+    /// How long a user's Redis channel stays subscribed after their last connection on this
+    /// instance closed (`LIVECREDITS_CHANNEL_LINGER_S`), so a reload does not resubscribe.
+    pub channel_linger: std::time::Duration,
     /// Dev sign-in and dev credit routes (`LIVECREDITS_DEV_LOGIN=1`).
     pub dev_login: bool,
     /// How long a dev sign-in's token lasts (`LIVECREDITS_DEV_SESSION_TTL_S`); short values
@@ -192,6 +199,20 @@ impl Config {
                 .ok_or_else(|| invalid("LIVECREDITS_DEV_SESSION_TTL_S", "too large"))?,
             None => DEFAULT_DEV_SESSION_TTL,
         };
+        let channel_linger = match var("LIVECREDITS_CHANNEL_LINGER_S") {
+            Some(value) => match value.trim().parse::<u64>() {
+                Ok(secs) if secs <= MAX_CHANNEL_LINGER.as_secs() => {
+                    std::time::Duration::from_secs(secs)
+                }
+                _ => {
+                    return Err(invalid(
+                        "LIVECREDITS_CHANNEL_LINGER_S",
+                        format!("{value:?} is not a whole number of seconds from 0 to 30"),
+                    ));
+                }
+            },
+            None => DEFAULT_CHANNEL_LINGER,
+        };
         let max_connections = var("LIVECREDITS_MAX_CONNECTIONS")
             .map(|value| parse_count("LIVECREDITS_MAX_CONNECTIONS", &value))
             .transpose()?;
@@ -210,6 +231,7 @@ impl Config {
             jwt_audience: var("JWT_AUDIENCE"),
             supabase_url,
             supabase_service_role_key,
+            channel_linger,
             dev_login,
             dev_session_ttl,
             public_url,
@@ -331,10 +353,17 @@ fn parse_database_url(value: &str) -> Result<DatabaseUrl, ConfigError> {
 
 fn parse_redis_url(value: String) -> Result<String, ConfigError> {
     match value.split_once("://") {
-        Some(("redis" | "rediss", rest)) if !rest.is_empty() => Ok(value),
+        Some(("redis" | "rediss" | "redis-cluster" | "rediss-cluster", rest))
+            if !rest.is_empty() =>
+        {
+            Ok(value)
+        }
         _ => Err(invalid(
             "REDIS_URL",
-            format!("{:?} is not a redis:// or rediss:// URL", redact(&value)),
+            format!(
+                "{:?} is not a redis://, rediss://, redis-cluster:// or rediss-cluster:// URL",
+                redact(&value)
+            ),
         )),
     }
 }
@@ -456,6 +485,7 @@ mod tests {
             ("LIVECREDITS_MAX_CONNECTIONS", "1000"),
             ("LIVECREDITS_PUBLIC_URL", "HTTPS://App.Example:443/"),
             ("LIVECREDITS_DEV_SESSION_TTL_S", "90"),
+            ("LIVECREDITS_CHANNEL_LINGER_S", "2"),
         ])
         .expect("valid");
         assert_eq!(config.site_addr.port(), 8080);
@@ -478,10 +508,20 @@ mod tests {
         assert_eq!(config.realtime.limits.polls_per_user, 2);
         assert_eq!(config.max_connections, Some(1000));
         assert_eq!(config.dev_session_ttl, chrono::Duration::seconds(90));
+        assert_eq!(config.channel_linger, std::time::Duration::from_secs(2));
         assert_eq!(
             config.allowed_origins,
             ["https://a.example", "http://localhost:5173"]
         );
+    }
+
+    /// A Redis Cluster is named by `redis-cluster://` (SPEC §6.1); one seed node suffices.
+    #[test]
+    fn redis_cluster_url() {
+        let url = "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001";
+        let config = load(&[("JWT_SECRET", SECRET), ("REDIS_URL", url)]).expect("valid");
+        assert_eq!(config.redis_url.as_deref(), Some(url));
+        assert_eq!(config.channel_linger, DEFAULT_CHANNEL_LINGER);
     }
 
     /// `JWT_SECRET` wins over `SUPABASE_JWT_SECRET`.
@@ -516,6 +556,8 @@ mod tests {
             ("LIVECREDITS_MAX_LIVE_PER_USER", "0"),
             ("LIVECREDITS_MAX_CONNECTIONS", "lots"),
             ("LIVECREDITS_DEV_SESSION_TTL_S", "0"),
+            ("LIVECREDITS_CHANNEL_LINGER_S", "31"),
+            ("REDIS_URL", "redis+cluster://x"),
             ("LIVECREDITS_DEV_SESSION_TTL_S", "99999999999999999999"),
             ("LIVECREDITS_PUBLIC_URL", "https://app.example/path"),
             ("LIVECREDITS_PUBLIC_URL", "ftp://app.example"),

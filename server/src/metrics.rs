@@ -45,6 +45,10 @@ struct Inner {
     redis_reconnects: Counter,
     publishes_failed: Counter,
     heals_published: Counter,
+    bus_sent: Counter,
+    bus_received: Counter,
+    bus_channels: Gauge,
+    resyncs: Counter,
 }
 
 impl Default for Metrics {
@@ -99,6 +103,30 @@ impl Default for Metrics {
             "Snapshots published to Redis to heal changes whose publish failed",
             heals_published.clone(),
         );
+        let bus_sent = Counter::default();
+        registry.register(
+            "bus_messages_sent",
+            "Messages this instance published to Redis",
+            bus_sent.clone(),
+        );
+        let bus_received = Counter::default();
+        registry.register(
+            "bus_messages_received",
+            "Messages this instance received from Redis, its own included",
+            bus_received.clone(),
+        );
+        let bus_channels = Gauge::default();
+        registry.register(
+            "bus_channels",
+            "Users' Redis channels this instance is subscribed to or about to be",
+            bus_channels.clone(),
+        );
+        let resyncs = Counter::default();
+        registry.register(
+            "resyncs",
+            "Times every connected user's snapshot was re-read (after a reconnect, a lag or a request)",
+            resyncs.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -110,6 +138,10 @@ impl Default for Metrics {
                 redis_reconnects,
                 publishes_failed,
                 heals_published,
+                bus_sent,
+                bus_received,
+                bus_channels,
+                resyncs,
             }),
         }
     }
@@ -176,6 +208,24 @@ impl Metrics {
 
     pub fn heals_published(&self, snapshots: usize) {
         self.inner.heals_published.inc_by(snapshots as u64);
+    }
+
+    pub fn bus_sent(&self, messages: usize) {
+        self.inner.bus_sent.inc_by(messages as u64);
+    }
+
+    pub fn bus_received(&self) {
+        self.inner.bus_received.inc();
+    }
+
+    pub fn bus_channels(&self, channels: usize) {
+        self.inner
+            .bus_channels
+            .set(i64::try_from(channels).unwrap_or(i64::MAX));
+    }
+
+    pub fn resynced(&self) {
+        self.inner.resyncs.inc();
     }
 
     fn render(&self) -> String {

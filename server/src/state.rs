@@ -79,6 +79,7 @@ impl AppState {
                     url,
                     password: config.redis_password.as_deref(),
                     channel_prefix: &config.channel_prefix,
+                    linger: config.channel_linger,
                 };
                 Bus::redis(
                     &settings,

@@ -1,5 +1,6 @@
-//! Two real server processes sharing one PostgreSQL database and one Redis: changes made
-//! through either reach every client on both, and a Redis outage heals by itself.
+//! Two real server processes sharing one PostgreSQL database and one Redis (or a Redis
+//! Cluster): changes made through either reach every client on both, each instance listens
+//! only to the channels of the users it serves, and outages and failovers heal by themselves.
 
 mod common;
 
@@ -25,11 +26,15 @@ fn redis_url() -> String {
     std::env::var("LIVECREDITS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// How long the test instances keep a user's channel after their last connection.
+const LINGER_S: u64 = 2;
+
 /// Two instances on one database and one Redis channel prefix of this test's own.
 struct Pair {
     a: ServerProcess,
     b: ServerProcess,
     http: reqwest::Client,
+    prefix: String,
     vars: Vec<(&'static str, String)>,
     dirs: [tempfile::TempDir; 2],
 }
@@ -46,7 +51,8 @@ impl Pair {
             ("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY.to_owned()),
             ("DATABASE_URL", database),
             ("REDIS_URL", redis.to_owned()),
-            ("REDIS_CHANNEL_PREFIX", prefix),
+            ("REDIS_CHANNEL_PREFIX", prefix.clone()),
+            ("LIVECREDITS_CHANNEL_LINGER_S", LINGER_S.to_string()),
         ];
         let dirs = [
             tempfile::tempdir().expect("dir"),
@@ -56,9 +62,15 @@ impl Pair {
             a: start_instance(&vars, &dirs[0]),
             b: start_instance(&vars, &dirs[1]),
             http: reqwest::Client::new(),
+            prefix,
             vars,
             dirs,
         }
+    }
+
+    /// The Redis channel of `user`'s events (SPEC §6.1).
+    fn channel(&self, user: &str) -> String {
+        format!("{}:user:{user}", self.prefix)
     }
 
     /// Starts one more instance with the same settings; returns once it says it listens.
@@ -338,21 +350,10 @@ impl OwnRedis {
     }
 
     /// Runs one `redis-cli` command against this server; an error reply fails the test.
-    fn cli(&self, args: &[&str]) {
-        let output = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(["--user", "admin", "--pass", "admin", "--no-auth-warning"])
-            .args(args)
-            .output()
-            .expect("redis-cli");
-        let reply = String::from_utf8_lossy(&output.stdout);
-        let error = ["ERR", "NOAUTH", "NOPERM", "WRONGTYPE"]
-            .iter()
-            .any(|code| reply.starts_with(code));
-        assert!(
-            output.status.success() && !error,
-            "redis-cli {args:?}: {reply}"
-        );
+    fn cli(&self, args: &[&str]) -> String {
+        let mut login = vec!["--user", "admin", "--pass", "admin", "--no-auth-warning"];
+        login.extend_from_slice(args);
+        redis_cli(self.port, &login)
     }
 
     fn stop(mut self) -> u16 {
@@ -562,7 +563,11 @@ impl Fault {
             .await
             .expect("snapshot");
 
-        let run = |commands: &[&[&str]]| commands.iter().for_each(|args| redis.cli(args));
+        let run = |commands: &[&[&str]]| {
+            commands.iter().for_each(|args| {
+                redis.cli(args);
+            })
+        };
         run(self.before_change);
         let deadline = Instant::now() + Duration::from_secs(5);
         while pair.readiness(&pair.b).await != self.b_during {
@@ -592,6 +597,310 @@ impl Fault {
             (Some(7), Some(1))
         );
     }
+}
+
+/// One `redis-cli` command against the server on `port`; an error reply fails the test.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    let reply = String::from_utf8_lossy(&output.stdout).into_owned();
+    let error = ["ERR", "NOAUTH", "NOPERM", "WRONGTYPE"]
+        .iter()
+        .any(|code| reply.starts_with(code));
+    assert!(
+        output.status.success() && !error,
+        "redis-cli {args:?}: {reply}"
+    );
+    reply
+}
+
+/// The number `PUBSUB NUMSUB` or `PUBSUB SHARDNUMSUB` answers for one channel.
+fn subscribers(reply: &str) -> u64 {
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not a NUMSUB reply: {reply:?}"))
+}
+
+/// Waits up to `limit` for `check` to hold.
+async fn within(limit: Duration, what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `name value` of `metric` in an instance's `/metrics` text.
+fn metric(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} in /metrics"))
+}
+
+/// SPEC §6.1: an instance subscribes to a user's channel while that user has a connection
+/// on it, and only then; the channel goes after the linger. Another instance's changes for
+/// users it does not serve never reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_listens_only_to_the_channels_of_its_users() {
+    let redis = OwnRedis::start(free_port());
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &format!("redis://127.0.0.1:{}", redis.port));
+    pair.both_become("ready", Duration::from_secs(10)).await;
+    let numsub = |user: &str| subscribers(&redis.cli(&["PUBSUB", "NUMSUB", &pair.channel(user)]));
+
+    let mut on_b = ws(&pair.b, "ivy").await;
+    next_event(&mut on_b, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+    assert_eq!(numsub("ivy"), 1, "B listens, A does not");
+    let mut on_a = ws(&pair.a, "ivy").await;
+    next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+    assert_eq!(numsub("ivy"), 2);
+    assert_eq!(numsub("jack"), 0, "nobody is connected as jack");
+
+    pair.change(&pair.a, "ivy", 3).await;
+    let event = next_event(&mut on_b, Duration::from_secs(5))
+        .await
+        .expect("across");
+    assert_eq!(event["balance"], 3);
+    let received = metric(
+        &pair.metrics(&pair.a).await,
+        "livecredits_bus_messages_received_total",
+    );
+    for _ in 0..5 {
+        pair.change(&pair.b, "jack", 1).await;
+    }
+    pair.change(&pair.b, "ivy", 1).await;
+    next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("ivy's change");
+    next_event(&mut on_a, Duration::from_secs(5))
+        .await
+        .expect("ivy's change");
+    let a_metrics = pair.metrics(&pair.a).await;
+    assert_eq!(
+        metric(&a_metrics, "livecredits_bus_messages_received_total") - received,
+        1.0,
+        "A received ivy's change, none of jack's"
+    );
+    assert_eq!(metric(&a_metrics, "livecredits_bus_channels"), 1.0);
+
+    drop(on_a);
+    drop(on_b);
+    let closed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(numsub("ivy"), 2, "kept during the linger");
+    within(
+        Duration::from_secs(LINGER_S + 3),
+        "both unsubscribe",
+        || numsub("ivy") == 0,
+    )
+    .await;
+    assert!(
+        closed.elapsed() >= Duration::from_secs(LINGER_S),
+        "not before the linger"
+    );
+}
+
+/// A Redis Cluster of this test's own (`scripts/redis-cluster.sh`): three masters, and a
+/// replica each when asked.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+    first_port: u16,
+}
+
+impl OwnCluster {
+    fn start(replicas: bool) -> Self {
+        static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        // Ports of their own per process and cluster; each node's bus is its port + 10000.
+        let slot = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let first_port =
+            20_000 + u16::try_from(std::process::id() % 1_000).expect("small") * 20 + slot * 10;
+        let dir = tempfile::tempdir().expect("dir");
+        let status = Command::new("scripts/redis-cluster.sh")
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .arg("start")
+            .arg(dir.path())
+            .arg(first_port.to_string())
+            .arg(if replicas { "1" } else { "0" })
+            .stdout(Stdio::null())
+            .status()
+            .expect("scripts/redis-cluster.sh");
+        assert!(status.success(), "the cluster did not start");
+        Self { dir, first_port }
+    }
+
+    fn masters(&self) -> [u16; 3] {
+        [0, 1, 2].map(|i| self.first_port + i)
+    }
+
+    fn url(&self) -> String {
+        let [seed, second, third] = self.masters();
+        format!("redis-cluster://127.0.0.1:{seed}?node=127.0.0.1:{second}&node=127.0.0.1:{third}")
+    }
+
+    /// The master on which `channel` has a subscriber, and how many it has there.
+    fn shard_subscribers(&self, channel: &str) -> Vec<(u16, u64)> {
+        self.masters()
+            .into_iter()
+            .map(|port| {
+                (
+                    port,
+                    subscribers(&redis_cli(port, &["PUBSUB", "SHARDNUMSUB", channel])),
+                )
+            })
+            .collect()
+    }
+
+    fn total_subscribers(&self, channel: &str) -> u64 {
+        self.shard_subscribers(channel).iter().map(|(_, n)| n).sum()
+    }
+
+    /// The master owning `slot`, as the node on `via` sees it.
+    fn owner_of(&self, slot: u16, via: u16) -> u16 {
+        // `redis-cli` prints CLUSTER SLOTS flat: start, end, then the master's ip and port.
+        let reply = redis_cli(via, &["CLUSTER", "SLOTS"]);
+        let lines: Vec<&str> = reply.lines().map(str::trim).collect();
+        lines
+            .windows(4)
+            .find_map(|w| {
+                let (start, end) = (w[0].parse::<u16>().ok()?, w[1].parse::<u16>().ok()?);
+                let owns = w[2] == "127.0.0.1" && (start..=end).contains(&slot);
+                owns.then(|| w[3].parse().ok()).flatten()
+            })
+            .expect("slot owner")
+    }
+
+    fn cluster_ok(&self, port: u16) -> bool {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "CLUSTER", "INFO"])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
+    }
+
+    fn kill(&self, port: u16) {
+        let pid = std::fs::read_to_string(self.dir.path().join(format!("redis-{port}.pid")))
+            .expect("pid file");
+        let status = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/redis-cluster.sh")
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .arg("stop")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// A user per master of the cluster: the first whose channel hashes to that master's slots.
+fn users_on_every_shard(pair: &Pair, cluster: &OwnCluster) -> Vec<(String, u16)> {
+    let mut found: Vec<(String, u16)> = Vec::new();
+    for i in 0.. {
+        let user = format!("spread-{i}");
+        let slot = fred::util::redis_keyslot(pair.channel(&user).as_bytes());
+        let owner = cluster.owner_of(slot, cluster.first_port);
+        if found.iter().all(|(_, port)| *port != owner) {
+            found.push((user, owner));
+        }
+        if found.len() == 3 {
+            break;
+        }
+    }
+    found
+}
+
+/// SPEC §6.1 with a Redis Cluster: two instances deliver across for users on every shard,
+/// each channel is subscribed (sharded) on its own master by the instance serving the user
+/// only, and dropped after the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_delivers_across_instances_on_every_shard() {
+    let cluster = OwnCluster::start(false);
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &cluster.url());
+    pair.both_become("ready", Duration::from_secs(15)).await;
+
+    for (user, master) in users_on_every_shard(&pair, &cluster) {
+        let mut on_b = ws(&pair.b, &user).await;
+        next_event(&mut on_b, Duration::from_secs(5))
+            .await
+            .expect("snapshot");
+        let counts = cluster.shard_subscribers(&pair.channel(&user));
+        assert!(
+            counts
+                .iter()
+                .all(|&(port, n)| n == u64::from(port == master)),
+            "{user}: one subscriber (B), on master {master}: {counts:?}"
+        );
+        pair.change(&pair.a, &user, 5).await;
+        let event = next_event(&mut on_b, Duration::from_secs(5))
+            .await
+            .expect("across");
+        assert_eq!(
+            (event["balance"].as_i64(), event["version"].as_i64()),
+            (Some(5), Some(1))
+        );
+        drop(on_b);
+        within(
+            Duration::from_secs(LINGER_S + 3),
+            "unsubscribed after the linger",
+            || cluster.total_subscribers(&pair.channel(&user)) == 0,
+        )
+        .await;
+    }
+}
+
+/// Killing the master of a user's shard: a change made during the failover reaches the
+/// other instance's client within 10 s of the cluster being back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_heals() {
+    let cluster = OwnCluster::start(true);
+    let db = TestDb::postgres().await;
+    let pair = Pair::start(&db, &cluster.url());
+    pair.both_become("ready", Duration::from_secs(15)).await;
+    let user = "lena";
+    let slot = fred::util::redis_keyslot(pair.channel(user).as_bytes());
+    let master = cluster.owner_of(slot, cluster.first_port);
+    let mut on_b = ws(&pair.b, user).await;
+    next_event(&mut on_b, Duration::from_secs(5))
+        .await
+        .expect("snapshot");
+
+    cluster.kill(master);
+    pair.change(&pair.a, user, 11).await;
+    let survivor = cluster
+        .masters()
+        .into_iter()
+        .find(|&port| port != master)
+        .expect("port");
+    within(Duration::from_secs(30), "a replica takes over", || {
+        cluster.cluster_ok(survivor) && cluster.owner_of(slot, survivor) != master
+    })
+    .await;
+    let back = Instant::now();
+    let event = next_event(&mut on_b, Duration::from_secs(10))
+        .await
+        .expect("healed within 10 s of the cluster being back");
+    assert_eq!(
+        (event["balance"].as_i64(), event["version"].as_i64()),
+        (Some(11), Some(1))
+    );
+    assert!(back.elapsed() <= Duration::from_secs(10));
 }
 
 /// A loopback port nothing listens on right now.

@@ -9,6 +9,7 @@
 //! Redis answers, so the other instances' clients catch up within seconds (`redis`).
 //! Transports only ever talk to the hub.
 
+mod interest;
 mod redis;
 mod unpublished;
 

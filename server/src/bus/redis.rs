@@ -1,33 +1,41 @@
-//! The Redis backend of the bus (`REDIS_URL` set): each committed change is published once on
-//! `{prefix}:balance`; one subscriber connection per instance feeds the hub.
+//! The Redis backend of the bus (`REDIS_URL` set), SPEC §6.1: each committed change is
+//! published once, on its user's channel `{prefix}:user:{user_id}`, and an instance listens
+//! only to the channels of the users connected to it ([`Interest`]), so what it receives
+//! grows with the users it serves, not with every change everywhere. With a Redis Cluster
+//! (`redis-cluster://…`) the channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): each lives on
+//! the node owning its slot, and fred keeps one subscriber connection per node.
 //!
-//! Both connections reconnect with exponential backoff for ever. Until both are up and the
-//! subscription is live the instance is *degraded*: changes still commit and reach this
-//! instance's own clients. Both directions heal: on every (re)subscription the snapshots of
-//! every user connected here are re-read in batches and handed to the hub; a change whose
-//! publish failed is remembered and its user's snapshot published once Redis answers again
-//! (`unpublished`).
+//! Both clients reconnect with exponential backoff for ever. Until both are up and every
+//! wanted channel is subscribed the instance is *degraded*: changes still commit and reach
+//! this instance's own clients. Both directions heal: after every (re)subscription the
+//! snapshots of every user connected here are re-read in batches and handed to the hub; a
+//! change whose publish failed is remembered and its user's snapshot published once Redis
+//! answers again (`unpublished`).
 
 use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use app::wire::BalanceEvent;
 use fred::prelude::{
     Builder, Client, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy,
 };
+use futures::future::BoxFuture;
 use serde::Deserialize;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::unpublished::Unpublished;
+use super::{interest::Interest, unpublished::Unpublished};
 use crate::{
     metrics::Metrics,
-    realtime::{Update, hub::Hub},
+    realtime::{
+        Update,
+        hub::{self, Hub},
+    },
     store::Store,
 };
 
@@ -41,6 +49,13 @@ const BACKOFF_MAX_MS: u32 = 5_000;
 const MESSAGE_BACKLOG: usize = 4096;
 /// Users whose snapshots are re-read per query after an outage.
 const RESYNC_BATCH: usize = 500;
+/// Channels per `SUBSCRIBE` (plain Redis; sharded channels go one per `SSUBSCRIBE`).
+const SUBSCRIBE_BATCH: usize = 500;
+/// Longest a new connection waits for its user's channel before reading the snapshot; past
+/// it the next resync heals whatever it missed.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long after a failed subscription it is tried again.
+const SUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
 
 /// What travels on the channel: the event and the instance that published it, so an
 /// instance can skip its own publications (it delivered them locally already). Without an
@@ -61,24 +76,36 @@ pub(super) enum PublishError {
     Redis(#[from] fred::error::Error),
 }
 
-/// Where to connect and which channel to use.
+/// Where to connect and which channels to use.
 pub struct Settings<'a> {
     pub url: &'a str,
     pub password: Option<&'a str>,
     pub channel_prefix: &'a str,
+    /// How long a user's channel stays subscribed after their last connection here closed.
+    pub linger: Duration,
 }
 
 /// The link of one instance to the others.
 pub struct RedisLink {
     publisher: Client,
-    /// A connection of its own: a subscribed connection can do nothing else.
+    /// A client of its own: a subscribed connection can do nothing else.
     subscriber: Client,
-    /// Whether the subscriber's current connection is subscribed: set once SUBSCRIBE
-    /// succeeds, cleared as soon as that connection drops or is replaced.
+    /// Whether `REDIS_URL` names a cluster: user channels are then sharded.
+    clustered: bool,
+    /// Whether the subscriber's current connections listen to every wanted channel: set
+    /// once they are subscribed, cleared as soon as a connection drops or is replaced.
     subscribed: AtomicBool,
+    /// Set on every reconnect of the subscriber: every wanted channel is subscribed again.
+    reconnected: AtomicBool,
+    interest: Interest,
+    /// Wakes the task that sends (un)subscriptions.
+    wake: Notify,
+    /// Bumped after each round of subscriptions, for connections waiting for theirs.
+    rounds: watch::Sender<u64>,
+    linger: Duration,
     /// Changes the other instances may have missed, and their heal.
     unpublished: Unpublished,
-    channel: String,
+    prefix: String,
     origin: String,
     metrics: Metrics,
 }
@@ -97,6 +124,7 @@ impl RedisLink {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, fred::error::Error> {
         let mut config = Config::from_url(settings.url)?;
+        let clustered = config.server.is_clustered();
         if config.password.is_none() {
             config.password = settings.password.map(str::to_owned);
         }
@@ -120,21 +148,27 @@ impl RedisLink {
         let link = Arc::new(Self {
             publisher: builder.build()?,
             subscriber: builder.build()?,
+            clustered,
             subscribed: AtomicBool::new(false),
+            reconnected: AtomicBool::new(false),
+            interest: Interest::default(),
+            wake: Notify::new(),
+            rounds: watch::channel(0).0,
+            linger: settings.linger,
             unpublished: Unpublished::new(metrics.clone()),
-            channel: format!("{}:balance", settings.channel_prefix),
+            prefix: settings.channel_prefix.to_owned(),
             origin: uuid::Uuid::now_v7().to_string(),
             metrics,
         });
+        hub.report_to(Arc::clone(&link) as Arc<dyn hub::Interest>);
         // Take the event receivers before connecting so the first connection is seen too.
         let reconnects = link.subscriber.reconnect_rx();
         let errors = link.subscriber.error_rx();
         let messages = link.subscriber.message_rx();
         link.publisher.connect();
         link.subscriber.connect();
-        tokio::spawn(Arc::clone(&link).follow_subscriber(
-            reconnects,
-            errors,
+        tokio::spawn(Arc::clone(&link).follow_subscriber(reconnects, errors, shutdown.clone()));
+        tokio::spawn(Arc::clone(&link).manage_subscriptions(
             hub.clone(),
             store.clone(),
             shutdown.clone(),
@@ -163,43 +197,56 @@ impl RedisLink {
             .note(updates.iter().map(|update| &update.event));
     }
 
-    /// Publishes `updates` in one round trip.
+    /// Publishes `updates`, each on its user's channel, in one round trip (per node).
     pub(super) async fn send(
         &self,
         updates: impl Iterator<Item = &Update>,
-    ) -> Result<(), PublishError> {
-        let envelopes = updates.map(|update| {
-            format!(
-                r#"{{"origin":"{}","event":{}}}"#,
-                self.origin,
-                update.json.as_str()
-            )
-        });
-        self.send_envelopes(envelopes).await
-    }
-
-    /// Asks every other instance to resync everyone it serves.
-    pub(super) async fn send_resync(&self) -> Result<(), PublishError> {
-        let envelope = format!(r#"{{"origin":"{}"}}"#, self.origin);
-        self.send_envelopes(std::iter::once(envelope)).await
-    }
-
-    async fn send_envelopes(
-        &self,
-        envelopes: impl Iterator<Item = String>,
     ) -> Result<(), PublishError> {
         if !self.can_publish() {
             return Err(PublishError::NotConnected);
         }
         let pipeline = self.publisher.pipeline();
-        for envelope in envelopes {
+        let mut sent = 0;
+        for update in updates {
+            let channel = self.user_channel(&update.event.user_id);
+            let envelope = format!(
+                r#"{{"origin":"{}","event":{}}}"#,
+                self.origin,
+                update.json.as_str()
+            );
             // Only queues the command; `all` sends them.
-            pipeline
-                .publish::<(), _, _>(self.channel.as_str(), envelope)
-                .await?;
+            if self.clustered {
+                pipeline.spublish::<(), _, _>(channel, envelope).await?;
+            } else {
+                pipeline.publish::<(), _, _>(channel, envelope).await?;
+            }
+            sent += 1;
         }
         pipeline.all::<Vec<i64>>().await?;
+        self.metrics.bus_sent(sent);
         Ok(())
+    }
+
+    /// Asks every other instance to resync everyone it serves, on the control channel that
+    /// every instance listens to (a plain channel: a cluster carries it to every node).
+    pub(super) async fn send_resync(&self) -> Result<(), PublishError> {
+        if !self.can_publish() {
+            return Err(PublishError::NotConnected);
+        }
+        let envelope = format!(r#"{{"origin":"{}"}}"#, self.origin);
+        self.publisher
+            .publish::<i64, _, _>(self.control_channel(), envelope)
+            .await?;
+        self.metrics.bus_sent(1);
+        Ok(())
+    }
+
+    fn user_channel(&self, user_id: &str) -> String {
+        format!("{}:user:{user_id}", self.prefix)
+    }
+
+    fn control_channel(&self) -> String {
+        format!("{}:control", self.prefix)
     }
 
     /// Whether the publishing connection is up.
@@ -231,14 +278,13 @@ impl RedisLink {
             && self.subscribed.load(Ordering::Acquire)
     }
 
-    /// Follows the subscriber: a dropped connection is logged and unsubscribes; every
-    /// (re)connection subscribes, then heals everyone connected here.
+    /// Follows the subscriber: a dropped connection is logged and degrades the link; every
+    /// (re)connection has every wanted channel subscribed again, then everyone connected
+    /// here healed ([`Self::manage_subscriptions`]).
     async fn follow_subscriber(
         self: Arc<Self>,
         mut reconnects: broadcast::Receiver<fred::types::config::Server>,
         mut errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
-        hub: Hub,
-        store: Store,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -261,16 +307,118 @@ impl RedisLink {
                     }
                     self.subscribed.store(false, Ordering::Release);
                     self.metrics.redis_reconnected();
-                    if let Err(err) = self.subscriber.subscribe(self.channel.as_str()).await {
-                        tracing::warn!(%err, "cannot subscribe to Redis; retrying on the next reconnect");
-                        continue;
-                    }
-                    self.subscribed.store(true, Ordering::Release);
-                    tracing::info!(channel = %self.channel, "subscribed to Redis");
-                    resync(&hub, &store).await;
+                    self.reconnected.store(true, Ordering::Release);
+                    self.wake.notify_one();
                 }
             }
         }
+    }
+
+    /// The one task that sends (un)subscriptions, so they reach Redis in the order decided:
+    /// after a reconnect every wanted channel again, then heals everyone connected here;
+    /// channels past their linger; new users' channels, in batches.
+    async fn manage_subscriptions(
+        self: Arc<Self>,
+        hub: Hub,
+        store: Store,
+        shutdown: CancellationToken,
+    ) {
+        let mut sweep = tokio::time::interval((self.linger / 4).max(Duration::from_millis(100)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                _ = sweep.tick() => {}
+            }
+            if self.reconnected.swap(false, Ordering::AcqRel) {
+                let wanted = self.interest.resubscribe_all();
+                let listening = match self.subscriber.subscribe(self.control_channel()).await {
+                    Ok(()) => self.listen(&wanted).await,
+                    Err(err) => Err(err),
+                };
+                match listening {
+                    Ok(()) => {
+                        self.interest.subscribed(&wanted);
+                        self.subscribed.store(true, Ordering::Release);
+                        tracing::info!(channels = wanted.len(), "subscribed to Redis");
+                        let (hub, store, metrics) =
+                            (hub.clone(), store.clone(), self.metrics.clone());
+                        tokio::spawn(async move { resync(&hub, &store, &metrics).await });
+                    }
+                    Err(err) => self.retry_later(&err).await,
+                }
+            }
+            let expired = self.interest.expire(self.linger, Instant::now());
+            if !expired.is_empty() {
+                // A failure leaves channels nobody wants: their messages are dropped here.
+                if let Err(err) = self.unlisten(&expired).await {
+                    tracing::debug!(%err, "unsubscribing lingering channels failed");
+                }
+            }
+            while self.subscribed.load(Ordering::Acquire) {
+                let batch = self.interest.to_subscribe(SUBSCRIBE_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                match self.listen(&batch).await {
+                    Ok(()) => {
+                        self.interest.subscribed(&batch);
+                        // For connections that stopped waiting for the subscription (see
+                        // READY_TIMEOUT): what was committed before it took effect.
+                        let (hub, store) = (hub.clone(), store.clone());
+                        let users: Vec<String> =
+                            batch.iter().map(|user| user.to_string()).collect();
+                        tokio::spawn(async move { resync_users(&hub, &store, &users).await });
+                    }
+                    Err(err) => {
+                        self.subscribed.store(false, Ordering::Release);
+                        self.retry_later(&err).await;
+                    }
+                }
+            }
+            self.metrics.bus_channels(self.interest.len());
+            self.rounds.send_modify(|round| *round += 1);
+        }
+    }
+
+    /// A subscription failed on a live connection: subscribe everything again shortly.
+    async fn retry_later(&self, err: &fred::error::Error) {
+        tracing::warn!(%err, "cannot subscribe to Redis; retrying");
+        tokio::time::sleep(SUBSCRIBE_RETRY).await;
+        self.reconnected.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Subscribes to the channels of `users`.
+    async fn listen(&self, users: &[Arc<str>]) -> Result<(), fred::error::Error> {
+        let channels: Vec<String> = users.iter().map(|user| self.user_channel(user)).collect();
+        if self.clustered {
+            // One per command: channels of one command must share a slot.
+            for channel in channels {
+                self.subscriber.ssubscribe(channel).await?;
+            }
+        } else {
+            for batch in channels.chunks(SUBSCRIBE_BATCH) {
+                self.subscriber.subscribe(batch.to_vec()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes from the channels of `users`.
+    async fn unlisten(&self, users: &[Arc<str>]) -> Result<(), fred::error::Error> {
+        let channels: Vec<String> = users.iter().map(|user| self.user_channel(user)).collect();
+        if self.clustered {
+            for channel in channels {
+                self.subscriber.sunsubscribe(channel).await?;
+            }
+        } else {
+            for batch in channels.chunks(SUBSCRIBE_BATCH) {
+                self.subscriber.unsubscribe(batch.to_vec()).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Hands every other instance's publications to the local hub.
@@ -291,11 +439,12 @@ impl RedisLink {
                 // Missed messages are healed like an outage: balances are absolute.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "fell behind the bus; resyncing connected users");
-                    resync(&hub, &store).await;
+                    resync(&hub, &store, &self.metrics).await;
                     continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
+            self.metrics.bus_received();
             let Some(text) = message.value.as_bytes() else {
                 continue;
             };
@@ -304,17 +453,46 @@ impl RedisLink {
                 Ok(Envelope {
                     event: Some(event), ..
                 }) => hub.deliver(Arc::new(Update::new(event))),
-                Ok(Envelope { event: None, .. }) => resync(&hub, &store).await,
+                Ok(Envelope { event: None, .. }) => resync(&hub, &store, &self.metrics).await,
                 Err(err) => tracing::warn!(%err, "ignoring a malformed message on the bus"),
             }
         }
     }
 }
 
+impl hub::Interest for RedisLink {
+    fn ready<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, ()> {
+        let mut rounds = self.rounds.subscribe();
+        if self.interest.want(user_id) {
+            self.wake.notify_one();
+        }
+        Box::pin(async move {
+            let live = async {
+                // While degraded nothing is subscribed; the resync after the reconnect heals.
+                while self.subscribed.load(Ordering::Acquire) && !self.interest.is_live(user_id) {
+                    if rounds.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(READY_TIMEOUT, live).await;
+        })
+    }
+
+    fn idle(&self, user_id: &str) {
+        self.interest.idle(user_id, Instant::now());
+    }
+}
+
 /// Re-reads the snapshots of every user connected here, in batches, and hands them to the
 /// hub; each connection takes only what is newer than what it has.
-async fn resync(hub: &Hub, store: &Store) {
-    let users = hub.connected_users();
+async fn resync(hub: &Hub, store: &Store, metrics: &Metrics) {
+    metrics.resynced();
+    resync_users(hub, store, &hub.connected_users()).await;
+}
+
+/// Re-reads the snapshots of `users`, in batches, and hands them to the hub.
+async fn resync_users(hub: &Hub, store: &Store, users: &[String]) {
     for batch in users.chunks(RESYNC_BATCH) {
         match store.snapshots(batch).await {
             Ok(snapshots) => {

@@ -8,10 +8,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use app::wire::BalanceSnapshot;
+use futures::future::BoxFuture;
 use tokio::sync::broadcast;
 
 use super::{Update, subscription::Subscription};
@@ -79,6 +80,16 @@ pub enum OpenError {
     Store(#[from] StoreError),
 }
 
+/// What the bus learns of the users connected here: with Redis it listens to a user's
+/// channel only while that user has a connection on this instance (SPEC §6.1).
+pub trait Interest: Send + Sync {
+    /// A connection of `user_id` opens. Resolves once the other instances' events for that
+    /// user reach this hub, or sooner when they cannot for now (a resync heals them then).
+    fn ready<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, ()>;
+    /// The last connection of `user_id` here closed.
+    fn idle(&self, user_id: &str);
+}
+
 /// The hub of one instance; cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -90,6 +101,7 @@ struct Inner {
     users: Mutex<Users>,
     limits: Limits,
     metrics: Metrics,
+    interest: OnceLock<Arc<dyn Interest>>,
 }
 
 /// The users' channels, and whether the hub was closed for shutdown.
@@ -118,8 +130,14 @@ impl Hub {
                 users: Mutex::default(),
                 limits,
                 metrics,
+                interest: OnceLock::new(),
             }),
         }
+    }
+
+    /// Tells `interest` who connects and who is gone from now on; set once, by the bus.
+    pub fn report_to(&self, interest: Arc<dyn Interest>) {
+        let _ = self.inner.interest.set(interest);
     }
 
     fn users(&self) -> std::sync::MutexGuard<'_, Users> {
@@ -194,10 +212,13 @@ impl Hub {
         user_id: &str,
         transport: Transport,
     ) -> Result<(Subscription, BalanceSnapshot), OpenError> {
-        // Subscribe before reading the snapshot, so no change can fall between the two: one
-        // committed in between arrives on the subscription, and one already in the snapshot
-        // is dropped there as not newer.
+        // Subscribe before reading the snapshot, here and on the bus, so no change can fall
+        // between the two: one committed in between arrives on the subscription, and one
+        // already in the snapshot is dropped there as not newer.
         let mut subscription = self.subscribe(user_id, transport)?;
+        if let Some(interest) = self.inner.interest.get() {
+            interest.ready(user_id).await;
+        }
         let snapshot = store.snapshot(user_id).await?;
         subscription.sent(snapshot.version);
         Ok((subscription, snapshot))
@@ -264,6 +285,10 @@ impl Hub {
             }
             if entry.live + entry.polls == 0 {
                 users.channels.remove(user_id);
+                // Under the lock: a new first connection cannot be reported before this.
+                if let Some(interest) = self.inner.interest.get() {
+                    interest.idle(user_id);
+                }
             }
         }
         self.inner.metrics.closed(transport);
