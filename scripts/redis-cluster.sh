@@ -76,6 +76,8 @@ start() {
   rm -f "$dir"/nodes-*.conf "$dir"/redis-*.pid
 
   step "starting ${#ports[@]} Redis nodes on ${ports[0]}..${ports[-1]} in $dir"
+  # A start that fails half way leaves no node running.
+  trap "stop $(printf %q "$dir") >/dev/null 2>&1" EXIT
   for port in "${ports[@]}"; do start_node "$dir" "$port"; done
   for port in "${ports[@]}"; do
     wait_until "node $port did not answer (see $dir/redis-$port.log)" node_answers "$port"
@@ -92,6 +94,7 @@ start() {
   for port in "${ports[@]:3}"; do
     wait_until "replica $port did not sync with its master" replica_synced "$port"
   done
+  trap - EXIT
   step "cluster up: 127.0.0.1:$first (nodes ${ports[0]}..${ports[-1]})"
 }
 

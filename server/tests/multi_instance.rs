@@ -70,7 +70,7 @@ impl Pair {
 
     /// The Redis channel of `user`'s events (SPEC §6.1).
     fn channel(&self, user: &str) -> String {
-        format!("{}:user:{user}", self.prefix)
+        format!("{}:balance:{user}", self.prefix)
     }
 
     /// Starts one more instance with the same settings; returns once it says it listens.
@@ -562,6 +562,14 @@ impl Fault {
         next_event(&mut on_a, Duration::from_secs(5))
             .await
             .expect("snapshot");
+        // Only Redis may bring A the change, not a late subscription's re-read.
+        let channel = pair.channel(user);
+        within(
+            Duration::from_secs(5),
+            "A listens to the user's channel",
+            || subscribers(&redis.cli(&["PUBSUB", "NUMSUB", &channel])) == 1,
+        )
+        .await;
 
         let run = |commands: &[&[&str]]| {
             commands.iter().for_each(|args| {
@@ -720,21 +728,26 @@ struct OwnCluster {
 impl OwnCluster {
     fn start(replicas: bool) -> Self {
         static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-        // Ports of their own per process and cluster; each node's bus is its port + 10000.
+        // Six ports per cluster, two clusters per process. Each node's bus listens on its
+        // port + 10000, which stays below the ephemeral range (32768 up) so no client
+        // socket can hold it.
         let slot = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let first_port =
-            20_000 + u16::try_from(std::process::id() % 1_000).expect("small") * 20 + slot * 10;
+            12_000 + u16::try_from(std::process::id() % 800).expect("small") * 12 + slot * 6;
         let dir = tempfile::tempdir().expect("dir");
-        let status = Command::new("scripts/redis-cluster.sh")
+        let started = Command::new("scripts/redis-cluster.sh")
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .arg("start")
             .arg(dir.path())
             .arg(first_port.to_string())
             .arg(if replicas { "1" } else { "0" })
-            .stdout(Stdio::null())
-            .status()
+            .output()
             .expect("scripts/redis-cluster.sh");
-        assert!(status.success(), "the cluster did not start");
+        assert!(
+            started.status.success(),
+            "the cluster did not start: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
         Self { dir, first_port }
     }
 
@@ -803,8 +816,7 @@ impl Drop for OwnCluster {
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .arg("stop")
             .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .status();
+            .output();
     }
 }
 

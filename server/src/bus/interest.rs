@@ -20,6 +20,8 @@ struct State {
     users: HashMap<Arc<str>, Wanted>,
     /// Users to subscribe, in arrival order.
     to_subscribe: Vec<Arc<str>>,
+    /// Users with a connection that read its snapshot before their channel was subscribed.
+    late: Vec<Arc<str>>,
 }
 
 struct Wanted {
@@ -108,9 +110,33 @@ impl Interest {
         let State {
             users,
             to_subscribe,
+            late,
         } = &mut *state;
         to_subscribe.retain(|user_id| users.contains_key(user_id));
+        late.retain(|user_id| users.contains_key(user_id));
         expired
+    }
+
+    /// A connection of `user_id` read its snapshot without waiting for the channel.
+    pub fn late(&self, user_id: &str) {
+        self.state().late.push(user_id.into());
+    }
+
+    /// The late users whose channels are now subscribed: what was committed before is to
+    /// be re-read for them. The others stay until theirs is.
+    pub fn take_late(&self) -> Vec<String> {
+        let mut state = self.state();
+        let State { users, late, .. } = &mut *state;
+        let mut ready = Vec::new();
+        late.retain(|user_id| match users.get(user_id) {
+            Some(wanted) if !wanted.live => true,
+            Some(_) => {
+                ready.push(user_id.to_string());
+                false
+            }
+            None => false,
+        });
+        ready
     }
 
     /// How many channels are wanted.
@@ -190,6 +216,18 @@ mod tests {
         );
         interest.subscribed(&all);
         assert!(interest.is_live("bob"));
+    }
+
+    /// A connection that stopped waiting is re-read for once its channel is subscribed.
+    #[test]
+    fn late_connections_are_reread_once_subscribed() {
+        let interest = Interest::default();
+        interest.want("ann");
+        interest.late("ann");
+        assert!(interest.take_late().is_empty(), "not subscribed yet");
+        interest.subscribed(&interest.to_subscribe(10));
+        assert_eq!(interest.take_late(), ["ann"]);
+        assert!(interest.take_late().is_empty(), "once");
     }
 
     /// A user forgotten before their batch went out is not subscribed.

@@ -1,5 +1,5 @@
 //! The Redis backend of the bus (`REDIS_URL` set), SPEC §6.1: each committed change is
-//! published once, on its user's channel `{prefix}:user:{user_id}`, and an instance listens
+//! published once, on its user's channel `{prefix}:balance:{user_id}`, and an instance listens
 //! only to the channels of the users connected to it ([`Interest`]), so what it receives
 //! grows with the users it serves, not with every change everywhere. With a Redis Cluster
 //! (`redis-cluster://…`) the channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): each lives on
@@ -242,7 +242,7 @@ impl RedisLink {
     }
 
     fn user_channel(&self, user_id: &str) -> String {
-        format!("{}:user:{user_id}", self.prefix)
+        format!("{}:balance:{user_id}", self.prefix)
     }
 
     fn control_channel(&self) -> String {
@@ -339,6 +339,8 @@ impl RedisLink {
                 };
                 match listening {
                     Ok(()) => {
+                        // Everyone connected is resynced below, the late included.
+                        self.interest.take_late();
                         self.interest.subscribed(&wanted);
                         self.subscribed.store(true, Ordering::Release);
                         tracing::info!(channels = wanted.len(), "subscribed to Redis");
@@ -362,20 +364,19 @@ impl RedisLink {
                     break;
                 }
                 match self.listen(&batch).await {
-                    Ok(()) => {
-                        self.interest.subscribed(&batch);
-                        // For connections that stopped waiting for the subscription (see
-                        // READY_TIMEOUT): what was committed before it took effect.
-                        let (hub, store) = (hub.clone(), store.clone());
-                        let users: Vec<String> =
-                            batch.iter().map(|user| user.to_string()).collect();
-                        tokio::spawn(async move { resync_users(&hub, &store, &users).await });
-                    }
+                    Ok(()) => self.interest.subscribed(&batch),
                     Err(err) => {
                         self.subscribed.store(false, Ordering::Release);
                         self.retry_later(&err).await;
                     }
                 }
+            }
+            // Connections that stopped waiting for their channel (READY_TIMEOUT) get what was
+            // committed before it was subscribed.
+            let late = self.interest.take_late();
+            if !late.is_empty() {
+                let (hub, store) = (hub.clone(), store.clone());
+                tokio::spawn(async move { resync_users(&hub, &store, &late).await });
             }
             self.metrics.bus_channels(self.interest.len());
             self.rounds.send_modify(|round| *round += 1);
@@ -475,7 +476,9 @@ impl hub::Interest for RedisLink {
                     }
                 }
             };
-            let _ = tokio::time::timeout(READY_TIMEOUT, live).await;
+            if tokio::time::timeout(READY_TIMEOUT, live).await.is_err() {
+                self.interest.late(user_id);
+            }
         })
     }
 
