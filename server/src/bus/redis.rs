@@ -334,7 +334,7 @@ impl RedisLink {
             if self.reconnected.swap(false, Ordering::AcqRel) {
                 let wanted = self.interest.resubscribe_all();
                 let listening = match self.subscriber.subscribe(self.control_channel()).await {
-                    Ok(()) => self.listen(&wanted).await,
+                    Ok(()) => self.listen(&wanted, true).await,
                     Err(err) => Err(err),
                 };
                 match listening {
@@ -354,7 +354,7 @@ impl RedisLink {
             let expired = self.interest.expire(self.linger, Instant::now());
             if !expired.is_empty() {
                 // A failure leaves channels nobody wants: their messages are dropped here.
-                if let Err(err) = self.unlisten(&expired).await {
+                if let Err(err) = self.listen(&expired, false).await {
                     tracing::debug!(%err, "unsubscribing lingering channels failed");
                 }
             }
@@ -363,7 +363,7 @@ impl RedisLink {
                 if batch.is_empty() {
                     break;
                 }
-                match self.listen(&batch).await {
+                match self.listen(&batch, true).await {
                     Ok(()) => self.interest.subscribed(&batch),
                     Err(err) => {
                         self.subscribed.store(false, Ordering::Release);
@@ -391,32 +391,19 @@ impl RedisLink {
         self.wake.notify_one();
     }
 
-    /// Subscribes to the channels of `users`.
-    async fn listen(&self, users: &[Arc<str>]) -> Result<(), fred::error::Error> {
+    /// Subscribes to (`on`) or unsubscribes from the channels of `users` in as few commands
+    /// as allowed: a batch per command on one Redis, one sharded channel per command on a
+    /// cluster (the channels of one command must share a slot).
+    async fn listen(&self, users: &[Arc<str>], on: bool) -> Result<(), fred::error::Error> {
         let channels: Vec<String> = users.iter().map(|user| self.user_channel(user)).collect();
-        if self.clustered {
-            // One per command: channels of one command must share a slot.
-            for channel in channels {
-                self.subscriber.ssubscribe(channel).await?;
-            }
-        } else {
-            for batch in channels.chunks(SUBSCRIBE_BATCH) {
-                self.subscriber.subscribe(batch.to_vec()).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Unsubscribes from the channels of `users`.
-    async fn unlisten(&self, users: &[Arc<str>]) -> Result<(), fred::error::Error> {
-        let channels: Vec<String> = users.iter().map(|user| self.user_channel(user)).collect();
-        if self.clustered {
-            for channel in channels {
-                self.subscriber.sunsubscribe(channel).await?;
-            }
-        } else {
-            for batch in channels.chunks(SUBSCRIBE_BATCH) {
-                self.subscriber.unsubscribe(batch.to_vec()).await?;
+        let per_command = if self.clustered { 1 } else { SUBSCRIBE_BATCH };
+        for batch in channels.chunks(per_command) {
+            let batch = batch.to_vec();
+            match (self.clustered, on) {
+                (true, true) => self.subscriber.ssubscribe(batch).await?,
+                (true, false) => self.subscriber.sunsubscribe(batch).await?,
+                (false, true) => self.subscriber.subscribe(batch).await?,
+                (false, false) => self.subscriber.unsubscribe(batch).await?,
             }
         }
         Ok(())
