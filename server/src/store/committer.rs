@@ -5,23 +5,15 @@
 //! writer takes the first operation at once, and batches grow only while it is busy.
 //!
 //! A backend with several writers (PostgreSQL) gets one queue per writer, and each user's
-//! operations always take the same queue: concurrent batches never wait on each other's
-//! account locks, and each user's versions are committed and published in order.
-//!
-//! A capture or release names only its hold, so its user — and thus its queue — must be read
-//! first. Those look-ups are grouped the same way: one router task reads the owners of every
-//! hold waiting in one query, then queues each settlement on its owner's writer.
+//! operations always take the same queue (`lane`): concurrent batches never wait on each
+//! other's account locks, and each user's versions are committed and published in order.
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
-    sync::Arc,
-};
+use std::sync::Arc;
 
 use app::wire::BalanceEvent;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Applied, Backend, Settle, StoreError, ledger, ledger::Op};
+use super::{Applied, Backend, StoreError, ledger, ledger::Op};
 
 /// Most changes in one transaction; bounds the time locks are held and the statement size.
 const MAX_BATCH: usize = 256;
@@ -35,19 +27,11 @@ struct Queued {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// A settlement whose hold's owner is still to be read.
-struct Unrouted {
-    hold_id: String,
-    settle: Settle,
-    reply: oneshot::Sender<Outcome>,
-}
-
-/// The handle to a backend's writer and router tasks; clones share the queues, and the tasks
-/// end when the last handle is dropped.
+/// The handle to a backend's writer tasks; clones share the queues, and the tasks end when
+/// the last handle is dropped.
 #[derive(Clone, Debug)]
 pub(super) struct Committer {
     queues: Arc<[mpsc::Sender<Queued>]>,
-    unrouted: mpsc::Sender<Unrouted>,
 }
 
 impl Committer {
@@ -65,40 +49,17 @@ impl Committer {
                 queue
             })
             .collect();
-        let (unrouted, waiting) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(route(backend.clone(), waiting, queues.clone()));
-        Self { queues, unrouted }
+        Self { queues }
     }
 
-    /// Queues a validated operation on its user's writer and waits for its outcome.
+    /// Queues a validated operation on its user's writer and waits for its outcome; if the
+    /// writer is gone, the dropped reply says so.
     pub(super) async fn apply(&self, op: Op) -> Outcome {
         let (reply, outcome) = oneshot::channel();
-        enqueue(&self.queues, Queued { op, reply }).await;
+        let queue = &self.queues[usize::from(op.lane()) % self.queues.len()];
+        let _ = queue.send(Queued { op, reply }).await;
         outcome.await.map_err(|_| writer_gone())?
     }
-
-    /// Settles hold `hold_id`, whoever owns it, and waits for the outcome.
-    pub(super) async fn settle(&self, hold_id: String, settle: Settle) -> Outcome {
-        let (reply, outcome) = oneshot::channel();
-        let unrouted = Unrouted {
-            hold_id,
-            settle,
-            reply,
-        };
-        self.unrouted
-            .send(unrouted)
-            .await
-            .map_err(|_| writer_gone())?;
-        outcome.await.map_err(|_| writer_gone())?
-    }
-}
-
-/// Queues `queued` on its user's writer; if the writer is gone, the dropped reply says so.
-async fn enqueue(queues: &[mpsc::Sender<Queued>], queued: Queued) {
-    let lane = BuildHasherDefault::<DefaultHasher>::default().hash_one(queued.op.user_id())
-        as usize
-        % queues.len();
-    let _ = queues[lane].send(queued).await;
 }
 
 fn writer_gone() -> StoreError {
@@ -122,44 +83,6 @@ async fn run(
             }
             // A requester that went away still has its change applied; nobody to tell.
             let _ = queued.reply.send(outcome);
-        }
-    }
-}
-
-/// Reads the owners of every hold waiting to be settled in one query, then queues each
-/// settlement on its owner's writer; an unknown hold is answered `NotFound` here.
-async fn route(
-    backend: Backend,
-    mut waiting: mpsc::Receiver<Unrouted>,
-    queues: Arc<[mpsc::Sender<Queued>]>,
-) {
-    let mut batch = Vec::new();
-    while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let hold_ids: Vec<&str> = batch.iter().map(|u| u.hold_id.as_str()).collect();
-        let owners = backend.hold_owners(&hold_ids).await;
-        for Unrouted {
-            hold_id,
-            settle,
-            reply,
-        } in batch.drain(..)
-        {
-            let user_id = match &owners {
-                Ok(owners) => owners.get(&hold_id).cloned(),
-                Err(err) => {
-                    let _ = reply.send(Err(err.clone()));
-                    continue;
-                }
-            };
-            let Some(user_id) = user_id else {
-                let _ = reply.send(Err(StoreError::NotFound(format!("hold {hold_id}"))));
-                continue;
-            };
-            let op = Op::Settle {
-                user_id,
-                hold_id,
-                settle,
-            };
-            enqueue(&queues, Queued { op, reply }).await;
         }
     }
 }
@@ -192,15 +115,6 @@ async fn commit(backend: &Backend, batch: Vec<Queued>) -> Vec<(Queued, Outcome)>
 }
 
 impl Backend {
-    /// The owners of those of `hold_ids` that exist, by hold id.
-    async fn hold_owners(&self, hold_ids: &[&str]) -> Result<HashMap<String, String>, StoreError> {
-        let owners = match self {
-            Self::Sqlite(db) => db.hold_owners(hold_ids).await?,
-            Self::Postgres(db) => db.hold_owners(hold_ids).await?,
-        };
-        Ok(owners.into_iter().collect())
-    }
-
     /// Runs one batch in a fresh write transaction.
     async fn apply(&self, batch: &[&Op]) -> Result<Vec<Outcome>, StoreError> {
         match self {

@@ -11,6 +11,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use super::{
     StoreError,
     change::{validate_key, validate_metadata, validate_user_id},
+    lane,
 };
 
 /// The ledger type of the row a capture writes.
@@ -137,7 +138,7 @@ impl HoldRecord {
     pub fn place(request: &NewHold, metadata: String, placed: Mark) -> Self {
         Self {
             hold: Hold {
-                id: uuid::Uuid::now_v7().to_string(),
+                id: lane::hold_id(&request.user_id),
                 user_id: request.user_id.clone(),
                 amount: request.amount,
                 captured: 0,

@@ -12,6 +12,7 @@ use super::{
     Applied, KeyedRow, NewChange, StoreError,
     change::event,
     hold::{HoldRecord, HoldRow, Mark, NewHold, Outcome, Settle},
+    lane,
 };
 
 /// A validated change with its metadata encoded as stored.
@@ -27,26 +28,38 @@ pub(super) enum Op {
     Change(Validated),
     /// Place a hold; the metadata is encoded as stored.
     Place(NewHold, String),
+    /// Capture, release or expire a hold: only `owner`'s, when one is given; otherwise its
+    /// owner is read when the accounts are locked.
     Settle {
-        user_id: String,
+        owner: Option<String>,
         hold_id: String,
         settle: Settle,
     },
 }
 
 impl Op {
-    pub fn user_id(&self) -> &str {
+    /// The user the operation is for, where the operation names one.
+    fn user_id(&self) -> Option<&str> {
         match self {
-            Self::Change(validated) => &validated.change.user_id,
-            Self::Place(hold, _) => &hold.user_id,
-            Self::Settle { user_id, .. } => user_id,
+            Self::Change(validated) => Some(&validated.change.user_id),
+            Self::Place(hold, _) => Some(&hold.user_id),
+            Self::Settle { owner, .. } => owner.as_deref(),
+        }
+    }
+
+    /// The writer lane key: the user's, or the one its hold's id carries.
+    pub fn lane(&self) -> u16 {
+        match (self.user_id(), self) {
+            (Some(user_id), _) => lane::of_user(user_id),
+            (None, Self::Settle { hold_id, .. }) => lane::of_hold(hold_id),
+            (None, _) => 0,
         }
     }
 }
 
 /// A ledger row to append, with the columns the wire [`Transaction`] does not carry.
 pub(super) struct Entry<'a> {
-    pub user_id: &'a str,
+    pub user_id: Cow<'a, str>,
     pub key: Option<&'a str>,
     pub metadata: Cow<'a, str>,
     /// The account's held credits after this row, for an exact replay.
@@ -67,13 +80,16 @@ pub(super) type LockedAccount = (String, i64, i64, i64);
 
 /// An open write transaction on the ledger. Dropping it without `commit` rolls it back.
 pub(super) trait LedgerTx: Send {
-    /// Creates the missing accounts at balance 0 and locks them all for the rest of the
-    /// transaction. Every later step relies on these locks to serialise the operations of
-    /// one user across connections and instances. `user_ids` is sorted and unique, so
-    /// concurrent batches lock in one order and cannot deadlock.
+    /// Creates the missing accounts of `user_ids` at balance 0 and locks them, and those of
+    /// the owners of `hold_ids`, for the rest of the transaction; returns every account
+    /// locked. Every later step relies on these locks to serialise the operations of one user
+    /// across connections and instances. Accounts are locked in the order of their user ids,
+    /// so concurrent batches cannot deadlock. A hold's owner never changes, so reading it
+    /// before its account is locked is safe.
     fn lock_accounts(
         &mut self,
         user_ids: &[&str],
+        hold_ids: &[&str],
     ) -> impl Future<Output = Result<Vec<LockedAccount>, sqlx::Error>> + Send;
 
     /// The ledger rows committed earlier under these `(user_id, idempotency_key)` pairs.
@@ -133,11 +149,21 @@ pub(super) async fn apply(
     mut tx: impl LedgerTx,
     batch: &[&Op],
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-    let mut user_ids: Vec<&str> = batch.iter().map(|op| op.user_id()).collect();
+    let mut user_ids: Vec<&str> = batch.iter().filter_map(|op| op.user_id()).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
+    let (mut change_keys, mut hold_keys, mut hold_ids) = (Vec::new(), Vec::new(), Vec::new());
+    for op in batch {
+        match op {
+            Op::Change(v) => {
+                change_keys.extend(keyed(&v.change.user_id, &v.change.idempotency_key))
+            }
+            Op::Place(hold, _) => hold_keys.extend(keyed(&hold.user_id, &hold.idempotency_key)),
+            Op::Settle { hold_id, .. } => hold_ids.push(hold_id.as_str()),
+        }
+    }
     let mut accounts: HashMap<String, Account> = tx
-        .lock_accounts(&user_ids)
+        .lock_accounts(&user_ids, &hold_ids)
         .await?
         .into_iter()
         .map(|(user_id, balance, version, held)| {
@@ -151,16 +177,6 @@ pub(super) async fn apply(
         })
         .collect();
 
-    let (mut change_keys, mut hold_keys, mut hold_ids) = (Vec::new(), Vec::new(), Vec::new());
-    for op in batch {
-        match op {
-            Op::Change(v) => {
-                change_keys.extend(keyed(&v.change.user_id, &v.change.idempotency_key))
-            }
-            Op::Place(hold, _) => hold_keys.extend(keyed(&hold.user_id, &hold.idempotency_key)),
-            Op::Settle { hold_id, .. } => hold_ids.push(hold_id.as_str()),
-        }
-    }
     let mut prior = HashMap::with_capacity(change_keys.len());
     if !change_keys.is_empty() {
         change_keys.sort_unstable();
@@ -191,15 +207,10 @@ pub(super) async fn apply(
     let mut written: Vec<String> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     for op in batch {
-        let Some(account) = accounts.get_mut(op.user_id()) else {
-            return Err(StoreError::Corrupt(format!(
-                "account {} was not locked",
-                op.user_id()
-            )));
-        };
         let outcome = match op {
             Op::Change(validated) => {
                 let change = &validated.change;
+                let account = locked(&mut accounts, &change.user_id)?;
                 let key = change.idempotency_key.as_deref();
                 let slot = key.map(|key| (change.user_id.clone(), key.to_owned()));
                 if let Some((earlier, held)) = slot.as_ref().and_then(|slot| prior.get(slot)) {
@@ -225,7 +236,7 @@ pub(super) async fn apply(
                         }
                         let event = event(&change.user_id, row.clone(), mark.held);
                         entries.push(Entry {
-                            user_id: &change.user_id,
+                            user_id: Cow::Borrowed(&change.user_id),
                             key,
                             metadata: Cow::Borrowed(&validated.metadata),
                             held: mark.held,
@@ -243,6 +254,7 @@ pub(super) async fn apply(
                     outcomes.push(request.replay(&holds[earlier]).map(Applied::Replayed));
                     continue;
                 }
+                let account = locked(&mut accounts, &request.user_id)?;
                 let available = account.balance - account.held;
                 if request.amount > available {
                     Err(StoreError::InsufficientCredits {
@@ -262,26 +274,36 @@ pub(super) async fn apply(
                 }
             }
             Op::Settle {
-                user_id,
+                owner,
                 hold_id,
                 settle,
-            } => holds
-                .get_mut(hold_id)
-                .filter(|record| &record.hold.user_id == user_id)
-                .ok_or_else(|| StoreError::NotFound(format!("hold {hold_id}")))
-                .and_then(|record| match record.settle(*settle, at)? {
-                    Outcome::Replay => record.closed_event().map(Applied::Replayed),
-                    Outcome::Close { status, captured } => {
-                        account.held -= record.hold.amount;
-                        account.balance -= captured;
-                        record.close(status, captured, account.bump(at));
-                        if let Some(change) = record.capture_change() {
-                            entries.push(capture_entry(user_id, change, account));
+            } => {
+                let Some(record) = holds.get_mut(hold_id).filter(|record| {
+                    owner
+                        .as_ref()
+                        .is_none_or(|owner| *owner == record.hold.user_id)
+                }) else {
+                    outcomes.push(Err(StoreError::NotFound(format!("hold {hold_id}"))));
+                    continue;
+                };
+                let account = locked(&mut accounts, &record.hold.user_id)?;
+                record
+                    .settle(*settle, at)
+                    .and_then(|outcome| match outcome {
+                        Outcome::Replay => record.closed_event().map(Applied::Replayed),
+                        Outcome::Close { status, captured } => {
+                            account.held -= record.hold.amount;
+                            account.balance -= captured;
+                            record.close(status, captured, account.bump(at));
+                            if let Some(change) = record.capture_change() {
+                                let user_id = Cow::Owned(record.hold.user_id.clone());
+                                entries.push(capture_entry(user_id, change, account));
+                            }
+                            written.push(hold_id.clone());
+                            record.closed_event().map(Applied::New)
                         }
-                        written.push(hold_id.clone());
-                        record.closed_event().map(Applied::New)
-                    }
-                }),
+                    })
+            }
         };
         outcomes.push(outcome);
     }
@@ -317,13 +339,27 @@ pub(super) async fn apply(
     Ok(outcomes)
 }
 
+/// The account of `user_id`, which the lock step must have locked.
+fn locked<'a>(
+    accounts: &'a mut HashMap<String, Account>,
+    user_id: &str,
+) -> Result<&'a mut Account, StoreError> {
+    accounts
+        .get_mut(user_id)
+        .ok_or_else(|| StoreError::Corrupt(format!("account {user_id} was not locked")))
+}
+
 /// The `(user_id, key)` of a keyed operation.
 fn keyed<'a>(user_id: &'a str, key: &'a Option<String>) -> Option<(&'a str, &'a str)> {
     Some((user_id, key.as_deref()?))
 }
 
 /// The ledger row of a capture, which leaves `account` as it is now.
-fn capture_entry<'a>(user_id: &'a str, change: app::wire::Change, account: &Account) -> Entry<'a> {
+fn capture_entry<'a>(
+    user_id: Cow<'a, str>,
+    change: app::wire::Change,
+    account: &Account,
+) -> Entry<'a> {
     let metadata = serde_json::Value::from(change.metadata.clone()).to_string();
     Entry {
         user_id,

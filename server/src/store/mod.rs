@@ -15,6 +15,7 @@ macro_rules! hold_columns {
 mod change;
 mod committer;
 mod hold;
+mod lane;
 mod ledger;
 mod postgres;
 mod sqlite;
@@ -244,19 +245,14 @@ impl Store {
         if let Settle::Capture(Some(amount)) = settle {
             hold::validate_amount(amount)?;
         }
-        match owner {
-            // The hold is looked up under `owner`'s lock; someone else's is `NotFound` there.
-            Some(owner) => {
-                self.committer
-                    .apply(Op::Settle {
-                        user_id: owner.to_owned(),
-                        hold_id: hold_id.to_owned(),
-                        settle,
-                    })
-                    .await
-            }
-            None => self.committer.settle(hold_id.to_owned(), settle).await,
-        }
+        // The hold is read under its owner's lock; someone else's is `NotFound` there.
+        self.committer
+            .apply(Op::Settle {
+                owner: owner.map(str::to_owned),
+                hold_id: hold_id.to_owned(),
+                settle,
+            })
+            .await
     }
 
     /// The user's active holds, newest first.
@@ -287,7 +283,7 @@ impl Store {
         };
         let expiries = due.into_iter().map(|(hold_id, user_id)| {
             self.committer.apply(Op::Settle {
-                user_id,
+                owner: Some(user_id),
                 hold_id,
                 settle: Settle::Expire,
             })

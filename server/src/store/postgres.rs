@@ -94,19 +94,6 @@ impl Db {
         .await?)
     }
 
-    /// `(hold_id, user_id)` of those of `hold_ids` that exist.
-    pub(super) async fn hold_owners(
-        &self,
-        hold_ids: &[&str],
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT id, user_id FROM credit_holds WHERE id = ANY($1)")
-                .bind(hold_ids)
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
     pub(super) async fn active_holds(
         &self,
         user_id: &str,
@@ -154,16 +141,21 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
     async fn lock_accounts(
         &mut self,
         user_ids: &[&str],
+        hold_ids: &[&str],
     ) -> Result<Vec<LockedAccount>, sqlx::Error> {
         // The no-op update on conflict takes each row lock, like SELECT … FOR UPDATE, and
-        // creates the missing accounts in the same round trip, in the order given.
+        // creates the missing accounts in the same round trip, in byte order (as Rust sorts).
         sqlx::query_as(
             "INSERT INTO credit_accounts (user_id, balance, version) \
-             SELECT id, 0, 0 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY n \
+             SELECT id, 0, 0 FROM ( \
+                 SELECT UNNEST($1::text[]) AS id \
+                 UNION SELECT user_id FROM credit_holds WHERE id = ANY($2)) AS u \
+             ORDER BY id COLLATE \"C\" \
              ON CONFLICT (user_id) DO UPDATE SET version = credit_accounts.version \
              RETURNING user_id, balance, version, held",
         )
         .bind(user_ids)
+        .bind(hold_ids)
         .fetch_all(&mut **self)
         .await
     }
@@ -252,7 +244,7 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
                 .map(|e| e.row.id.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
+        .bind(entries.iter().map(|e| &*e.user_id).collect::<Vec<_>>())
         .bind(entries.iter().map(|e| e.row.amount).collect::<Vec<_>>())
         .bind(
             entries

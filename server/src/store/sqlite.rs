@@ -116,19 +116,6 @@ impl Db {
         .await?)
     }
 
-    /// `(hold_id, user_id)` of those of `hold_ids` that exist.
-    pub(super) async fn hold_owners(
-        &self,
-        hold_ids: &[&str],
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, user_id FROM credit_holds WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json(hold_ids)?)
-        .fetch_all(&self.reader)
-        .await?)
-    }
-
     pub(super) async fn active_holds(
         &self,
         user_id: &str,
@@ -178,6 +165,7 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     async fn lock_accounts(
         &mut self,
         user_ids: &[&str],
+        hold_ids: &[&str],
     ) -> Result<Vec<LockedAccount>, sqlx::Error> {
         // BEGIN IMMEDIATE already holds the database's write lock; this creates the missing
         // accounts and reads them all back as one JSON row: one handoff to the SQLite thread.
@@ -185,9 +173,12 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
             "INSERT INTO credit_accounts (user_id, balance, version) \
              SELECT value, 0, 0 FROM json_each(?1) WHERE true ON CONFLICT (user_id) DO NOTHING; \
              SELECT json_group_array(json_array(user_id, balance, version, held)) \
-             FROM credit_accounts WHERE user_id IN (SELECT value FROM json_each(?1))",
+             FROM credit_accounts WHERE user_id IN (SELECT value FROM json_each(?1) \
+                 UNION SELECT user_id FROM credit_holds \
+                 WHERE id IN (SELECT value FROM json_each(?2)))",
         )
         .bind(json(user_ids)?)
+        .bind(json(hold_ids)?)
         .fetch_one(&mut **self)
         .await?;
         serde_json::from_str(&accounts).map_err(|err| sqlx::Error::Decode(err.into()))
@@ -319,7 +310,7 @@ impl<'a> RowJson<'a> {
     fn new(entry: &'a Entry<'_>, at: &'a str) -> Self {
         Self {
             id: &entry.row.id,
-            user_id: entry.user_id,
+            user_id: &entry.user_id,
             amount: entry.row.amount,
             kind: &entry.row.kind,
             metadata: &entry.metadata,
