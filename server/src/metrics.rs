@@ -1,5 +1,6 @@
 //! Prometheus metrics of one instance, served as text at `GET /metrics`: open connections by
-//! transport, events published and delivered, the commit→send delay, refusals by reason.
+//! transport, events published and delivered, the commit→send delay, refusals by reason, and
+//! the allocator's live heap beside what it keeps resident.
 
 use std::sync::Arc;
 
@@ -49,6 +50,8 @@ struct Inner {
     bus_received: Counter,
     bus_channels: Gauge,
     resyncs: Counter,
+    heap_allocated: Gauge,
+    heap_resident: Gauge,
 }
 
 impl Default for Metrics {
@@ -127,6 +130,20 @@ impl Default for Metrics {
             "Times every connected user's snapshot was re-read (after a reconnect, a lag or a request)",
             resyncs.clone(),
         );
+        // Live bytes beside resident ones tell a leak (both grow) from memory the allocator
+        // keeps in partly used pages (only resident grows).
+        let heap_allocated = Gauge::default();
+        registry.register(
+            "heap_allocated_bytes",
+            "Bytes the process has allocated and not freed (jemalloc stats.allocated)",
+            heap_allocated.clone(),
+        );
+        let heap_resident = Gauge::default();
+        registry.register(
+            "heap_resident_bytes",
+            "Bytes in pages the allocator keeps resident (jemalloc stats.resident)",
+            heap_resident.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -142,6 +159,8 @@ impl Default for Metrics {
                 bus_received,
                 bus_channels,
                 resyncs,
+                heap_allocated,
+                heap_resident,
             }),
         }
     }
@@ -229,10 +248,26 @@ impl Metrics {
     }
 
     fn render(&self) -> String {
+        self.read_heap();
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.inner.registry);
         text
+    }
+
+    /// Reads jemalloc's statistics, which it refreshes only when its epoch is advanced.
+    fn read_heap(&self) {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if epoch::advance().is_err() {
+            return;
+        }
+        let gauge = |gauge: &Gauge, bytes: Result<usize, _>| {
+            if let Ok(bytes) = bytes {
+                gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        };
+        gauge(&self.inner.heap_allocated, stats::allocated::read());
+        gauge(&self.inner.heap_resident, stats::resident::read());
     }
 }
 

@@ -85,6 +85,40 @@ async fn serves_until_sigterm() {
     assert!(status.success(), "exit status {status}: {output}");
 }
 
+/// `/metrics` reports the allocator's live heap beside its resident pages, the pair that tells
+/// a leak (both grow) from pages the allocator keeps (only resident grows).
+#[tokio::test]
+async fn metrics_report_the_heap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let server = ServerProcess::start(
+        dir.path(),
+        &[("JWT_SECRET", common::SECRET), ("DATABASE_URL", &database)],
+    );
+    let text = reqwest::get(format!("http://{}{}", server.addr, paths::METRICS))
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("text");
+    let bytes = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let allocated = bytes("livecredits_heap_allocated_bytes");
+    let resident = bytes("livecredits_heap_resident_bytes");
+    assert!(
+        allocated > 100_000,
+        "a running server has a heap: {allocated}"
+    );
+    assert!(
+        resident >= allocated,
+        "resident {resident} < allocated {allocated}"
+    );
+    server.terminate();
+}
+
 /// Longest a refused start-up may take: an unreachable database is given up after 2 s.
 const REFUSAL: Duration = Duration::from_secs(15);
 

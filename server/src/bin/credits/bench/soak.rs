@@ -85,7 +85,7 @@ impl Soak<'_> {
             start_balance.push(balance_of(&http, &self.instances[0], &token).await?.balance);
             tokens.push(token);
         }
-        let before = self.resources();
+        let before = self.resources(&http).await;
 
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
@@ -186,7 +186,7 @@ impl Soak<'_> {
         }
         let loaded_for = started.elapsed();
         while changes.join_next().await.is_some() {}
-        let peak = self.resources();
+        let peak = self.resources(&http).await;
         tokio::time::sleep(SETTLE).await;
 
         let (mut lost, mut stale, mut checked) = (0usize, 0usize, 0usize);
@@ -208,7 +208,7 @@ impl Soak<'_> {
         stop.cancel();
         while clients.join_next().await.is_some() {}
         tokio::time::sleep(RELEASE).await;
-        let after = self.resources();
+        let after = self.resources(&http).await;
 
         let c = &counters;
         let unknown = c.unknown.load(Ordering::Relaxed);
@@ -219,13 +219,14 @@ impl Soak<'_> {
             .map(|(b, a)| {
                 json!({
                     "rss_kib": [b.0, a.0], "rss_growth_pct": growth(b.0, a.0),
-                    "open_files": [b.1, a.1], "open_files_growth_pct": growth(b.1, a.1),
+                    "heap_kib": [b.1, a.1], "heap_growth_pct": growth(b.1, a.1),
+                    "open_files": [b.2, a.2], "open_files_growth_pct": growth(b.2, a.2),
                 })
             })
             .collect();
         out.line(
             &format!(
-                "soak: {connected}/{total} connected, {} opens ({} failed), {:.0} changes/s for {:?}: {} acknowledged, {} retried, {} refused, {unknown} unknown; lost {lost} users, stale {stale}/{checked} connections, out of order {out_of_order}; servers (RSS KiB, open files) before {before:?}, peak {peak:?}, after {after:?}",
+                "soak: {connected}/{total} connected, {} opens ({} failed), {:.0} changes/s for {:?}: {} acknowledged, {} retried, {} refused, {unknown} unknown; lost {lost} users, stale {stale}/{checked} connections, out of order {out_of_order}; servers (RSS KiB, live heap KiB, open files) before {before:?}, peak {peak:?}, after {after:?}",
                 c.opened.load(Ordering::Relaxed), c.failed_opens.load(Ordering::Relaxed),
                 n as f64 / loaded_for.as_secs_f64(), self.duration,
                 c.acked.load(Ordering::Relaxed), c.retries.load(Ordering::Relaxed),
@@ -249,16 +250,32 @@ impl Soak<'_> {
         Ok(())
     }
 
-    /// RSS (KiB) and open files of each server process.
-    fn resources(&self) -> Vec<(u64, u64)> {
-        self.server_pids
-            .iter()
-            .map(|&pid| {
-                let files = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-                (rss_kib(pid).unwrap_or(0), files as u64)
-            })
-            .collect()
+    /// RSS (KiB), live heap (KiB, from the instance's metrics) and open files of each server.
+    async fn resources(&self, http: &reqwest::Client) -> Vec<(u64, u64, u64)> {
+        let mut resources = Vec::with_capacity(self.server_pids.len());
+        for (&pid, instance) in self.server_pids.iter().zip(self.instances) {
+            let files = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+            let heap = heap_bytes(http, instance).await.unwrap_or(0) / 1024;
+            resources.push((rss_kib(pid).unwrap_or(0), heap, files as u64));
+        }
+        resources
     }
+}
+
+/// The instance's `livecredits_heap_allocated_bytes`.
+async fn heap_bytes(http: &reqwest::Client, instance: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{instance}{}", paths::METRICS))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("livecredits_heap_allocated_bytes "))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn growth(before: u64, after: u64) -> f64 {
