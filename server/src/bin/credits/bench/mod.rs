@@ -63,7 +63,12 @@ pub enum Bench {
         rate: u32,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
-        /// Instances to apply changes through (default: --url); clients spread over --url.
+        /// Instances the clients connect to, each user's on one of them (default: --url).
+        #[arg(long, value_delimiter = ',')]
+        instance: Vec<String>,
+        /// Instances to apply changes through (default: --instance). Each change goes
+        /// through one other than its user's clients' wherever there is one, so that it
+        /// crosses the bus.
         #[arg(long, value_delimiter = ',')]
         post_url: Vec<String>,
         #[command(flatten)]
@@ -170,6 +175,7 @@ impl Bench {
                 per_user,
                 rate,
                 duration,
+                instance,
                 post_url,
                 spread,
                 service,
@@ -182,18 +188,23 @@ impl Bench {
                     duration <= MAX_DURATION,
                     "--duration is limited to 15 minutes",
                 )?;
+                let instances = or_url(instance, url);
                 let posts = if post_url.is_empty() {
-                    vec![url.to_owned()]
+                    instances.clone()
                 } else {
                     post_url
                 };
-                for post in &posts {
-                    loopback_target(post).await?;
-                }
-                fanout::run(
-                    url, target, users, per_user, rate, duration, &posts, &spread, &service, out,
-                )
-                .await?;
+                let targets = loopback_targets(&instances).await?;
+                loopback_targets(&posts).await?;
+                let fanout = fanout::Fanout {
+                    instances: &instances,
+                    posts: &posts,
+                    users,
+                    per_user,
+                    rate,
+                    duration,
+                };
+                fanout.run(&targets, &spread, &service, out).await?;
             }
             Self::Poll {
                 pollers,
@@ -225,15 +236,8 @@ impl Bench {
                 )?;
                 check(duration <= MAX_SOAK, "--duration is limited to 3 hours")?;
                 check((0.0..=100.0).contains(&churn), "--churn is a percentage")?;
-                let instances = if instance.is_empty() {
-                    vec![url.to_owned()]
-                } else {
-                    instance
-                };
-                let mut targets = Vec::with_capacity(instances.len());
-                for instance in &instances {
-                    targets.push(loopback_target(instance).await?);
-                }
+                let instances = or_url(instance, url);
+                let targets = loopback_targets(&instances).await?;
                 let soak = soak::Soak {
                     instances: &instances,
                     users,
@@ -252,6 +256,15 @@ impl Bench {
             &json!({ "client_loop_lag_ms": { "p99": p99, "max": max } }),
         );
         Ok(())
+    }
+}
+
+/// The instances named, or `--url` alone.
+fn or_url(instances: Vec<String>, url: &str) -> Vec<String> {
+    if instances.is_empty() {
+        vec![url.to_owned()]
+    } else {
+        instances
     }
 }
 
@@ -279,6 +292,14 @@ async fn loopback_target(url: &str) -> Result<SocketAddr, Failure> {
         "benchmarks only target loopback addresses",
     )?;
     Ok(addr)
+}
+
+async fn loopback_targets(urls: &[String]) -> Result<Vec<SocketAddr>, Failure> {
+    let mut targets = Vec::with_capacity(urls.len());
+    for url in urls {
+        targets.push(loopback_target(url).await?);
+    }
+    Ok(targets)
 }
 
 /// Percentiles of a sample, in its unit.
