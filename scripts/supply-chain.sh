@@ -27,5 +27,8 @@ if ! cmp -s "$snapshot/SNAPSHOT" "$db/SNAPSHOT" || [[ ! -d $db/.git ]]; then
     commit -q -m "RustSec advisory database snapshot of $taken"
 fi
 
+# cargo-deny reads the metadata of every platform's dependencies, and --offline keeps it to
+# what is on disk; a fresh machine has downloaded only the ones its builds needed so far.
+cargo fetch --locked --quiet
 # Duplicates are listed (warnings) without the graph of who pulls each one in.
 cargo deny --offline --locked check --hide-inclusion-graph
