@@ -49,10 +49,13 @@ impl Op {
 
     /// The writer lane key: the user's, or the one its hold's id carries.
     pub fn lane(&self) -> u16 {
-        match (self.user_id(), self) {
-            (Some(user_id), _) => lane::of_user(user_id),
-            (None, Self::Settle { hold_id, .. }) => lane::of_hold(hold_id),
-            (None, _) => 0,
+        match self {
+            Self::Change(validated) => lane::of_user(&validated.change.user_id),
+            Self::Place(hold, _) => lane::of_user(&hold.user_id),
+            Self::Settle {
+                owner: Some(owner), ..
+            } => lane::of_user(owner),
+            Self::Settle { hold_id, .. } => lane::of_hold(hold_id),
         }
     }
 }
