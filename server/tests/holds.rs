@@ -25,6 +25,7 @@ on_both_databases!(
     holds_expire_within_five_seconds,
     concurrent_holds_never_overdraw,
     racing_sweepers_expire_once,
+    captures_racing_across_instances_apply_once,
     bad_input_is_refused,
 );
 
@@ -394,6 +395,52 @@ async fn racing_sweepers_expire_once(db: TestDb) {
         b.settle_hold(&id, Settle::Release, Some("gus")).await,
         Err(server::store::StoreError::NotFound(_))
     ));
+}
+
+/// Two stores on one database (two instances) capture the same hold 20 times at once while
+/// another hold stays active: one capture applies, every other answers it again, and the
+/// balance is charged once: holds are read only under the account lock, never before it.
+async fn captures_racing_across_instances_apply_once(db: TestDb) {
+    let (commits_a, _events_a) = tokio::sync::mpsc::channel(64);
+    let (commits_b, _events_b) = tokio::sync::mpsc::channel(64);
+    let a = Store::connect(&db.url, commits_a).await.unwrap();
+    let b = Store::connect(&db.url, commits_b).await.unwrap();
+    a.apply(&server::store::NewChange {
+        user_id: "hal".into(),
+        amount: 1000,
+        kind: "grant".into(),
+        metadata: Default::default(),
+        idempotency_key: None,
+    })
+    .await
+    .unwrap();
+    a.place_hold(&hold("hal", 500, 60)).await.unwrap();
+    let Applied::New(placed) = a.place_hold(&hold("hal", 10, 60)).await.unwrap() else {
+        panic!("placed")
+    };
+    let id = placed.hold.unwrap().id;
+    let mut captures = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (store, id) = (if i % 2 == 0 { a.clone() } else { b.clone() }, id.clone());
+        captures.spawn(async move { store.settle_hold(&id, Settle::Capture(None), None).await });
+    }
+    let answers = captures.join_all().await;
+    let new = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(Applied::New(_))))
+        .count();
+    let replayed = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(Applied::Replayed(_))))
+        .count();
+    assert_eq!((new, replayed), (1, 19), "{answers:?}");
+    let now = b.snapshot("hal").await.unwrap();
+    assert_eq!(
+        (now.balance, now.held, now.available, now.version),
+        (990, 500, 490, 4)
+    );
+    let ledger = b.transactions("hal", 10, None).await.unwrap().items;
+    assert_eq!(ledger.len(), 2, "the grant and one capture: {ledger:?}");
 }
 
 /// Bad amounts, lifetimes, ids and credentials are refused with their `ApiError`.
