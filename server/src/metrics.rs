@@ -52,6 +52,7 @@ struct Inner {
     resyncs: Counter,
     heap_allocated: Gauge,
     heap_resident: Gauge,
+    heap_metadata: Gauge,
 }
 
 impl Default for Metrics {
@@ -144,6 +145,12 @@ impl Default for Metrics {
             "Bytes in pages the allocator keeps resident (jemalloc stats.resident)",
             heap_resident.clone(),
         );
+        let heap_metadata = Gauge::default();
+        registry.register(
+            "heap_metadata_bytes",
+            "Bytes of the allocator's own bookkeeping, part of the resident ones (jemalloc stats.metadata)",
+            heap_metadata.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -161,6 +168,7 @@ impl Default for Metrics {
                 resyncs,
                 heap_allocated,
                 heap_resident,
+                heap_metadata,
             }),
         }
     }
@@ -268,6 +276,7 @@ impl Metrics {
         };
         gauge(&self.inner.heap_allocated, stats::allocated::read());
         gauge(&self.inner.heap_resident, stats::resident::read());
+        gauge(&self.inner.heap_metadata, stats::metadata::read());
     }
 }
 

@@ -86,7 +86,8 @@ async fn serves_until_sigterm() {
 }
 
 /// `/metrics` reports the allocator's live heap beside its resident pages, the pair that tells
-/// a leak (both grow) from pages the allocator keeps (only resident grows).
+/// a leak (both grow) from pages the allocator keeps (only resident grows), and the part of
+/// those pages that is the allocator's own bookkeeping.
 #[tokio::test]
 async fn metrics_report_the_heap() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -108,6 +109,7 @@ async fn metrics_report_the_heap() {
     };
     let allocated = bytes("livecredits_heap_allocated_bytes");
     let resident = bytes("livecredits_heap_resident_bytes");
+    let metadata = bytes("livecredits_heap_metadata_bytes");
     assert!(
         allocated > 100_000,
         "a running server has a heap: {allocated}"
@@ -115,6 +117,10 @@ async fn metrics_report_the_heap() {
     assert!(
         resident >= allocated,
         "resident {resident} < allocated {allocated}"
+    );
+    assert!(
+        metadata > 0 && metadata < resident,
+        "metadata {metadata} is a part of resident {resident}"
     );
     server.terminate();
 }
