@@ -545,12 +545,16 @@ async fn database_outage_answers_503_then_recovers() {
 
 /// A database that refuses connections (`ALLOW_CONNECTIONS false`, as an operator or a
 /// failover does) is unavailable, not an internal error: 503, then 201 once it is back
-/// (found by the soak, which saw 500s).
+/// (found by the soak, which saw 500s). Meanwhile requests are answered at once rather than
+/// each trying to connect: 200 at once make a few connection attempts, not 200 (the soak saw
+/// them queue for the pool for up to 2.5 s, and its clients pile up connections).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_refusing_connections_answers_503() {
+async fn database_refusing_connections_answers_503_at_once() {
     use sqlx::Connection;
-    let db = TestDb::postgres().await;
-    let state = state(config(&db, &[])).await;
+    let (db, proxy, url) = common::postgres_behind_proxy().await;
+    let mut config = config(&db, &[]);
+    config.database_url = url;
+    let state = state(config).await;
     assert_eq!(apply(&state, change("alice", 5, "grant")).await.status, 201);
     let mut admin = sqlx::PgConnection::connect(&common::postgres_admin_url())
         .await
@@ -570,6 +574,18 @@ async fn database_refusing_connections_answers_503() {
         (down.status, down.error_code().as_str()),
         (503, "unavailable")
     );
+
+    let attempts_before = proxy.accepted();
+    let token = user_token("alice");
+    let reads = (0..200).map(|_| send(&state, get(paths::BALANCE, Some(&token))));
+    let answers = futures::future::join_all(reads).await;
+    assert!(answers.iter().all(|answer| answer.status == 503));
+    let attempts = proxy.accepted() - attempts_before;
+    assert!(
+        attempts < 50,
+        "{attempts} connection attempts for 200 reads of an unreachable database"
+    );
+
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
     )))

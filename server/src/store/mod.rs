@@ -17,6 +17,7 @@ mod committer;
 mod hold;
 mod lane;
 mod ledger;
+mod outage;
 mod postgres;
 mod sqlite;
 pub mod sweeper;

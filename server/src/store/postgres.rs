@@ -13,6 +13,7 @@ use super::{
     AccountRow, KeyedRow, LedgerRow, NamedAccountRow, StoreError,
     hold::{HoldRecord, HoldRow},
     ledger::{AccountState, Entry, LedgerTx, LockedAccount},
+    outage::Outage,
 };
 
 /// Connections per instance.
@@ -27,6 +28,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 pub(super) struct Db {
     pool: PgPool,
+    outage: Arc<Outage>,
 }
 
 impl Db {
@@ -47,33 +49,34 @@ impl Db {
             .run(&pool)
             .await
             .map_err(|err| StoreError::Migrate(Arc::new(err)))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            outage: Arc::default(),
+        })
     }
 
     pub(super) async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        Ok(self.pool.begin().await?)
+        self.outage.guard(self.pool.begin()).await
     }
 
     pub(super) async fn account(&self, user_id: &str) -> Result<Option<AccountRow>, StoreError> {
-        Ok(sqlx::query_as(
+        let query = sqlx::query_as(
             "SELECT balance, held, version, updated_at FROM credit_accounts WHERE user_id = $1",
         )
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await?)
+        .bind(user_id);
+        self.outage.guard(query.fetch_optional(&self.pool)).await
     }
 
     pub(super) async fn accounts(
         &self,
         user_ids: &[String],
     ) -> Result<Vec<NamedAccountRow>, StoreError> {
-        Ok(sqlx::query_as(
+        let query = sqlx::query_as(
             "SELECT user_id, balance, held, version, updated_at FROM credit_accounts \
              WHERE user_id = ANY($1)",
         )
-        .bind(user_ids)
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(user_ids);
+        self.outage.guard(query.fetch_all(&self.pool)).await
     }
 
     pub(super) async fn transactions(
@@ -82,16 +85,15 @@ impl Db {
         limit: u32,
         before: i64,
     ) -> Result<Vec<LedgerRow>, StoreError> {
-        Ok(sqlx::query_as(
+        let query = sqlx::query_as(
             "SELECT id, amount, type, metadata, balance_after, version, created_at \
              FROM credit_transactions WHERE user_id = $1 AND version < $2 \
              ORDER BY version DESC LIMIT $3",
         )
         .bind(user_id)
         .bind(before)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(i64::from(limit));
+        self.outage.guard(query.fetch_all(&self.pool)).await
     }
 
     pub(super) async fn active_holds(
@@ -99,7 +101,7 @@ impl Db {
         user_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Vec<HoldRow>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+        let query = sqlx::query_as(concat!(
             "SELECT ",
             hold_columns!(),
             " FROM credit_holds \
@@ -107,9 +109,8 @@ impl Db {
              ORDER BY created_at DESC, id DESC"
         ))
         .bind(user_id)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(now);
+        self.outage.guard(query.fetch_all(&self.pool)).await
     }
 
     /// `(hold_id, user_id)` of up to `limit` held holds whose expiry has passed.
@@ -118,18 +119,19 @@ impl Db {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
+        let query = sqlx::query_as(
             "SELECT id, user_id FROM credit_holds WHERE status = 'held' AND expires_at <= $1 \
              ORDER BY expires_at LIMIT $2",
         )
         .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
+        .bind(i64::from(limit));
+        self.outage.guard(query.fetch_all(&self.pool)).await
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        self.outage
+            .guard(sqlx::query("SELECT 1").execute(&self.pool))
+            .await?;
         Ok(())
     }
 }

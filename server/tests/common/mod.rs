@@ -267,6 +267,7 @@ pub struct Proxy {
     pub addr: std::net::SocketAddr,
     target: String,
     accept: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Proxy {
@@ -279,17 +280,19 @@ impl Proxy {
             addr: listener.local_addr().expect("addr"),
             target: target.to_owned(),
             accept: std::sync::Mutex::new(None),
+            accepted: std::sync::Arc::default(),
         };
         proxy.serve(listener);
         proxy
     }
 
     fn serve(&self, listener: tokio::net::TcpListener) {
-        let target = self.target.clone();
+        let (target, accepted) = (self.target.clone(), self.accepted.clone());
         let task = tokio::spawn(async move {
             // Owning the connections here means aborting this task closes every one of them.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let target = target.clone();
                 connections.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
@@ -299,6 +302,11 @@ impl Proxy {
             }
         });
         *self.accept.lock().expect("lock") = Some(task);
+    }
+
+    /// Connections accepted so far: the attempts the client made to reach the target.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Closes every proxied connection and refuses new ones.
