@@ -316,7 +316,7 @@ impl Link {
         counters: Arc<Counters>,
         stop: CancellationToken,
     ) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         while !stop.is_cancelled() {
             let opened = {
                 let _permit = gate.acquire().await.expect("never closed");
@@ -324,18 +324,19 @@ impl Link {
             };
             let Ok(mut socket) = opened else {
                 counters.failed_opens.fetch_add(1, Ordering::Relaxed);
-                let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
-                tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
                 continue;
             };
-            backoff = Duration::from_millis(100);
             counters.opened.fetch_add(1, Ordering::Relaxed);
             counters.open.fetch_add(1, Ordering::Relaxed);
+            let (mut snapshot, mut kicked) = (false, false);
             loop {
                 let frame = tokio::select! {
                     () = stop.cancelled() => break,
-                    () = slot.kick.notified() => break,
+                    () = slot.kick.notified() => {
+                        kicked = true;
+                        break;
+                    }
                     frame = socket.next() => frame,
                 };
                 let Some(Ok(frame)) = frame else { break };
@@ -343,13 +344,39 @@ impl Link {
                 let Ok(WsServerMsg::Balance(event)) = serde_json::from_str(&text) else {
                     continue;
                 };
+                snapshot = true;
+                backoff = Backoff::default();
                 counters.events.fetch_add(1, Ordering::Relaxed);
                 slot.see(&event, &counters);
             }
             *slot.last.lock().expect("slot") = None;
             counters.open.fetch_sub(1, Ordering::Relaxed);
             let _ = socket.close(None).await;
+            // Closed before its snapshot (the server refused it, e.g. 1013 while the
+            // database is away): a failed open, retried after a pause as a browser would.
+            if !snapshot && !kicked && !stop.is_cancelled() {
+                counters.failed_opens.fetch_add(1, Ordering::Relaxed);
+                backoff.wait().await;
+            }
         }
+    }
+}
+
+/// Capped exponential backoff with jitter, as the browser client reconnects: clients that
+/// failed together do not come back together.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    async fn wait(&mut self) {
+        let jitter = rand::random_range(0..=self.0.as_millis() as u64 / 2);
+        tokio::time::sleep(self.0 + Duration::from_millis(jitter)).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -383,6 +410,7 @@ impl Change {
         counters: &Counters,
     ) {
         let started = Instant::now();
+        let mut backoff = Backoff::default();
         for attempt in 0.. {
             let endpoint = &endpoints[(n + attempt) % endpoints.len()];
             let answer = http
@@ -411,7 +439,7 @@ impl Change {
                 }
                 _ => {
                     counters.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    backoff.wait().await;
                 }
             }
         }
