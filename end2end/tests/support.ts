@@ -58,9 +58,15 @@ export async function controlWebSocket(page: Page): Promise<{ blocked: boolean }
   return state;
 }
 
+/** How long an own server may take to answer (the shared one gets 60 s, see playwright.config.ts). */
+const START_TIMEOUT_MS = 30_000;
+const OUTPUT_KEPT = 8_000;
+
 /** A server process of the test's own, on its own port. */
 export class OwnServer {
   private process?: ChildProcess;
+  /** The tail of what the process printed, to say why a start failed. */
+  private output = "";
 
   constructor(
     readonly port: number,
@@ -71,8 +77,9 @@ export class OwnServer {
     return `http://127.0.0.1:${this.port}`;
   }
 
+  /** Starts the server and waits until it answers; fails at once, with its output, if it exits. */
   async start(): Promise<void> {
-    this.process = spawn(`${root}/target/release/server`, [], {
+    const child = spawn(`${root}/target/release/server`, [], {
       cwd: root,
       env: {
         PATH: process.env.PATH ?? "",
@@ -81,15 +88,33 @@ export class OwnServer {
         LIVECREDITS_DEV_LOGIN: "1",
         JWT_SECRET: SECRET,
         SUPABASE_SERVICE_ROLE_KEY: SERVICE_KEY,
-        RUST_LOG: "warn",
+        RUST_LOG: "info",
         ...this.env,
       },
-      stdio: "ignore",
+      stdio: ["ignore", "pipe", "pipe"],
     });
-    await expect(async () => {
-      const response = await fetch(`${this.url}/healthz`);
-      expect(response.ok).toBe(true);
-    }).toPass({ timeout: 15_000 });
+    this.process = child;
+    this.output = "";
+    const keep = (chunk: Buffer) => {
+      this.output = (this.output + chunk.toString()).slice(-OUTPUT_KEPT);
+    };
+    child.stdout?.on("data", keep);
+    child.stderr?.on("data", keep);
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    for (;;) {
+      if (child.exitCode !== null || child.signalCode !== null) {
+        throw new Error(`the server on ${this.url} exited (${child.exitCode ?? child.signalCode}):\n${this.output}`);
+      }
+      const healthy = await fetch(`${this.url}/healthz`).then(
+        (response) => response.ok,
+        () => false,
+      );
+      if (healthy) return;
+      if (Date.now() > deadline) {
+        throw new Error(`the server on ${this.url} did not answer within ${START_TIMEOUT_MS} ms:\n${this.output}`);
+      }
+      await new Promise((wake) => setTimeout(wake, 100));
+    }
   }
 
   async stop(): Promise<void> {
