@@ -14,6 +14,7 @@ on_both_databases!(
     new_user_has_zero_balance,
     change_updates_balance_version_and_ledger,
     two_pools_lose_no_update,
+    two_pools_creating_accounts_lose_no_update,
     concurrent_idempotent_requests_apply_once,
     refused_changes_leave_no_trace,
     refusals_among_concurrent_changes_stay_local,
@@ -114,6 +115,39 @@ async fn two_pools_lose_no_update(db: TestDb) {
     for row in &ledger {
         running += row.amount;
         assert_eq!(row.balance_after, running, "version {}", row.version);
+    }
+}
+
+/// Two pools create the same 50 accounts at once, in batches that mix users: each account is
+/// created once and locked by whichever batch comes second, and no change is lost or applied
+/// twice, even when the two creation orders interleave.
+async fn two_pools_creating_accounts_lose_no_update(db: TestDb) {
+    let a = connect(&db.url).await;
+    let b = connect(&db.url).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in 0..50 {
+        for i in 0..8_i64 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move {
+                let user = format!("new-{user}");
+                let version = applied(store.apply(&change(&user, i + 1)).await).version;
+                (user, version)
+            });
+        }
+    }
+    let mut versions: std::collections::BTreeMap<String, BTreeSet<i64>> = Default::default();
+    for (user, version) in tasks.join_all().await {
+        versions.entry(user).or_default().insert(version);
+    }
+    assert_eq!(versions.len(), 50);
+    for (user, versions) in versions {
+        assert_eq!(versions, (1..=8).collect::<BTreeSet<_>>(), "{user}");
+        let snapshot = b.snapshot(&user).await.expect("snapshot");
+        assert_eq!(
+            (snapshot.balance, snapshot.version),
+            ((1..=8).sum(), 8),
+            "{user}"
+        );
     }
 }
 

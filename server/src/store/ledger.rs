@@ -87,7 +87,8 @@ pub(super) trait LedgerTx: Send {
     /// the owners of `hold_ids`, for the rest of the transaction; returns every account
     /// locked. Every later step relies on these locks to serialise the operations of one user
     /// across connections and instances. Accounts are locked in the order of their user ids,
-    /// so concurrent batches cannot deadlock. A hold's owner never changes, so reading it
+    /// so concurrent batches do not deadlock (on PostgreSQL, save while accounts are being
+    /// created: see its lock step). A hold's owner never changes, so reading it
     /// before its account is locked is safe.
     fn lock_accounts(
         &mut self,

@@ -145,16 +145,27 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
         user_ids: &[&str],
         hold_ids: &[&str],
     ) -> Result<Vec<LockedAccount>, sqlx::Error> {
-        // The no-op update on conflict takes each row lock, like SELECT … FOR UPDATE, and
-        // creates the missing accounts in the same round trip, in byte order (as Rust sorts).
+        // Existing accounts are locked with FOR UPDATE, which writes no new row version; only
+        // missing ones are inserted. One created by another transaction since this
+        // statement's snapshot is locked by the no-op update on conflict. Each set is locked
+        // in byte order (as Rust sorts); the two interleave only while accounts are being
+        // created, where a deadlock is possible: PostgreSQL then aborts one batch, and the
+        // committer retries its operations one by one.
         sqlx::query_as(
-            "INSERT INTO credit_accounts (user_id, balance, version) \
-             SELECT id, 0, 0 FROM ( \
+            "WITH wanted AS ( \
                  SELECT UNNEST($1::text[]) AS id \
-                 UNION SELECT user_id FROM credit_holds WHERE id = ANY($2)) AS u \
-             ORDER BY id COLLATE \"C\" \
-             ON CONFLICT (user_id) DO UPDATE SET version = credit_accounts.version \
-             RETURNING user_id, balance, version, held",
+                 UNION SELECT user_id FROM credit_holds WHERE id = ANY($2)), \
+             existing AS ( \
+                 SELECT user_id, balance, version, held FROM credit_accounts \
+                 WHERE user_id IN (SELECT id FROM wanted) \
+                 ORDER BY user_id COLLATE \"C\" FOR UPDATE), \
+             created AS ( \
+                 INSERT INTO credit_accounts (user_id, balance, version) \
+                 SELECT id, 0, 0 FROM wanted WHERE id NOT IN (SELECT user_id FROM existing) \
+                 ORDER BY id COLLATE \"C\" \
+                 ON CONFLICT (user_id) DO UPDATE SET version = credit_accounts.version \
+                 RETURNING user_id, balance, version, held) \
+             SELECT * FROM existing UNION ALL SELECT * FROM created",
         )
         .bind(user_ids)
         .bind(hold_ids)
