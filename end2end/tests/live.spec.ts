@@ -4,8 +4,8 @@ import {
   change,
   controlWebSocket,
   expectTransport,
+  freePorts,
   grouped,
-  port,
   postgresUrl,
   signIn,
   sqliteUrl,
@@ -131,7 +131,8 @@ test("sign in with a pasted token, then sign out", async ({ page, request }) => 
 });
 
 test("the page reconnects after a server restart and shows the change made meanwhile", async ({ page }) => {
-  const server = new OwnServer(port(1), { DATABASE_URL: sqliteUrl() });
+  const [port] = await freePorts(1);
+  const server = new OwnServer(port, { DATABASE_URL: sqliteUrl() });
   await server.start();
   try {
     const user = userFor("restart");
@@ -153,8 +154,9 @@ test("with two instances, a tab on one shows a change made through the other", a
   const database = postgresUrl();
   const prefix = `e2e-${Date.now()}`;
   const env = { DATABASE_URL: database, REDIS_URL: "redis://127.0.0.1:6379", REDIS_CHANNEL_PREFIX: prefix };
-  const a = new OwnServer(port(2), env);
-  const b = new OwnServer(port(3), env);
+  const [portA, portB] = await freePorts(2);
+  const a = new OwnServer(portA, env);
+  const b = new OwnServer(portB, env);
   await a.start();
   await b.start();
   try {

@@ -1,5 +1,6 @@
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync } from "node:fs";
+import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { expect, type APIRequestContext, type Page } from "@playwright/test";
@@ -62,6 +63,13 @@ export async function controlWebSocket(page: Page): Promise<{ blocked: boolean }
 const START_TIMEOUT_MS = 30_000;
 const OUTPUT_KEPT = 8_000;
 
+/**
+ * Own servers still running. A test that times out never reaches its `finally`, and a child
+ * outlives its parent, so whatever is left is killed when the worker exits.
+ */
+const running = new Set<ChildProcess>();
+process.once("exit", () => running.forEach((child) => child.kill("SIGKILL")));
+
 /** A server process of the test's own, on its own port. */
 export class OwnServer {
   private process?: ChildProcess;
@@ -94,6 +102,8 @@ export class OwnServer {
       stdio: ["ignore", "pipe", "pipe"],
     });
     this.process = child;
+    running.add(child);
+    child.once("exit", () => running.delete(child));
     this.output = "";
     const keep = (chunk: Buffer) => {
       this.output = (this.output + chunk.toString()).slice(-OUTPUT_KEPT);
@@ -138,7 +148,14 @@ export function postgresUrl(): string {
   return `postgres://postgres@127.0.0.1:5432/${name}`;
 }
 
-/** A free-enough port for an own server, away from the shared test server's. */
-export function port(offset: number): number {
-  return 3500 + offset + (process.pid % 100) * 10;
+/**
+ * `count` distinct ports nothing listens on now, chosen by the kernel: fixed ports collided
+ * with services the machine runs (NATS listens on 4222).
+ */
+export async function freePorts(count: number): Promise<number[]> {
+  const probes = Array.from({ length: count }, () => createServer());
+  await Promise.all(probes.map((probe) => new Promise<void>((listening) => probe.listen(0, "127.0.0.1", listening))));
+  const ports = probes.map((probe) => (probe.address() as AddressInfo).port);
+  await Promise.all(probes.map((probe) => new Promise((closed) => probe.close(closed))));
+  return ports;
 }
