@@ -4,7 +4,6 @@ import {
   change,
   controlWebSocket,
   expectTransport,
-  freePorts,
   grouped,
   postgresUrl,
   signIn,
@@ -131,8 +130,7 @@ test("sign in with a pasted token, then sign out", async ({ page, request }) => 
 });
 
 test("the page reconnects after a server restart and shows the change made meanwhile", async ({ page }) => {
-  const [port] = await freePorts(1);
-  const server = new OwnServer(port, { DATABASE_URL: sqliteUrl() });
+  const server = new OwnServer({ DATABASE_URL: sqliteUrl() });
   await server.start();
   try {
     const user = userFor("restart");
@@ -154,9 +152,8 @@ test("with two instances, a tab on one shows a change made through the other", a
   const database = postgresUrl();
   const prefix = `e2e-${Date.now()}`;
   const env = { DATABASE_URL: database, REDIS_URL: "redis://127.0.0.1:6379", REDIS_CHANNEL_PREFIX: prefix };
-  const [portA, portB] = await freePorts(2);
-  const a = new OwnServer(portA, env);
-  const b = new OwnServer(portB, env);
+  const a = new OwnServer(env);
+  const b = new OwnServer(env);
   await a.start();
   await b.start();
   try {

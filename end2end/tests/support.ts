@@ -70,16 +70,14 @@ const OUTPUT_KEPT = 8_000;
 const running = new Set<ChildProcess>();
 process.once("exit", () => running.forEach((child) => child.kill("SIGKILL")));
 
-/** A server process of the test's own, on its own port. */
+/** A server process of the test's own, on a free port it keeps across restarts. */
 export class OwnServer {
   private process?: ChildProcess;
+  private port?: number;
   /** The tail of what the process printed, to say why a start failed. */
   private output = "";
 
-  constructor(
-    readonly port: number,
-    private readonly env: Record<string, string>,
-  ) {}
+  constructor(private readonly env: Record<string, string>) {}
 
   get url(): string {
     return `http://127.0.0.1:${this.port}`;
@@ -87,6 +85,7 @@ export class OwnServer {
 
   /** Starts the server and waits until it answers; fails at once, with its output, if it exits. */
   async start(): Promise<void> {
+    this.port ??= await freePort();
     const child = spawn(`${root}/target/release/server`, [], {
       cwd: root,
       env: {
@@ -149,13 +148,13 @@ export function postgresUrl(): string {
 }
 
 /**
- * `count` distinct ports nothing listens on now, chosen by the kernel: fixed ports collided
- * with services the machine runs (NATS listens on 4222).
+ * A port nothing listens on now, chosen by the kernel: fixed ports collided with services the
+ * machine runs (NATS listens on 4222).
  */
-export async function freePorts(count: number): Promise<number[]> {
-  const probes = Array.from({ length: count }, () => createServer());
-  await Promise.all(probes.map((probe) => new Promise<void>((listening) => probe.listen(0, "127.0.0.1", listening))));
-  const ports = probes.map((probe) => (probe.address() as AddressInfo).port);
-  await Promise.all(probes.map((probe) => new Promise((closed) => probe.close(closed))));
-  return ports;
+async function freePort(): Promise<number> {
+  const probe = createServer();
+  await new Promise<void>((listening) => probe.listen(0, "127.0.0.1", listening));
+  const { port } = probe.address() as AddressInfo;
+  await new Promise((closed) => probe.close(closed));
+  return port;
 }

@@ -1,5 +1,5 @@
 import { expect, test, type BrowserContext, type Page } from "@playwright/test";
-import { OwnServer, change, freePorts, grouped, signIn, sqliteUrl, userFor } from "./support";
+import { OwnServer, change, grouped, signIn, sqliteUrl, userFor } from "./support";
 
 /** SPEC §11: the tabs of one browser share one live connection. */
 
@@ -212,8 +212,7 @@ test("signing out in one tab signs out every tab", async ({ context }) => {
 
 test("a dev session with a 4 s token stays live for three lifetimes without reconnecting", async ({ context }) => {
   const ttl = 4;
-  const [port] = await freePorts(1);
-  const server = new OwnServer(port, { DATABASE_URL: sqliteUrl(), LIVECREDITS_DEV_SESSION_TTL_S: String(ttl) });
+  const server = new OwnServer({ DATABASE_URL: sqliteUrl(), LIVECREDITS_DEV_SESSION_TTL_S: String(ttl) });
   await server.start();
   try {
     const user = userFor("tabs-ttl");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use app::wire::{MAX_CREDITS, Metadata};
 use common::{TestDb, on_both_databases};
@@ -135,7 +135,7 @@ async fn two_pools_creating_accounts_lose_no_update(db: TestDb) {
             });
         }
     }
-    let mut versions: std::collections::BTreeMap<String, BTreeSet<i64>> = Default::default();
+    let mut versions: BTreeMap<String, BTreeSet<i64>> = Default::default();
     for (user, version) in tasks.join_all().await {
         versions.entry(user).or_default().insert(version);
     }
