@@ -34,7 +34,7 @@ pub(super) struct Db {
 impl Db {
     pub(super) async fn connect(url: &str) -> Result<Self, StoreError> {
         // Statements stay prepared for a connection's life and are planned once, with
-        // sequential scans ruled out: every statement looks rows up by key, and a plan made
+        // sequential scans ruled out: every statement reads through an index, and a plan made
         // while a table was nearly empty would otherwise keep scanning it as it grew (hold
         // throughput once fell by two thirds within a minute). Planning every execution
         // instead cost as much as running the statements.
