@@ -343,3 +343,29 @@ async fn postgres_outage_is_unavailable_then_recovers() {
     let event = applied(store.apply(&change("frank", 1)).await);
     assert_eq!((event.balance, event.version), (11, 2));
 }
+
+/// The writers keep their connections between batches; one the server closed meanwhile
+/// (a restart, a failover, an idle timeout) costs no change: the next batch goes on a fresh
+/// connection instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writer_survives_its_connection_closed() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let store = connect(&db.url).await;
+    applied(store.apply(&change("gina", 10)).await);
+
+    let mut admin = sqlx::PgConnection::connect(&common::postgres_admin_url())
+        .await
+        .expect("admin connection");
+    let closed: Vec<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+        db.postgres_name()
+    )))
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminates");
+    assert!(!closed.is_empty() && closed.iter().all(|&done| done));
+
+    let event = applied(store.apply(&change("gina", 1)).await);
+    assert_eq!((event.balance, event.version), (11, 2));
+}

@@ -11,9 +11,10 @@
 use std::sync::Arc;
 
 use app::wire::BalanceEvent;
+use sqlx::{Connection as _, Postgres, Sqlite, pool::PoolConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Applied, Backend, StoreError, ledger, ledger::Op};
+use super::{Applied, Backend, StoreError, ledger, ledger::Op, sqlite};
 
 /// Most changes in one transaction; bounds the time locks are held and the statement size.
 const MAX_BATCH: usize = 256;
@@ -71,12 +72,13 @@ async fn run(
     mut waiting: mpsc::Receiver<Queued>,
     commits: mpsc::Sender<BalanceEvent>,
 ) {
+    let mut kept = None;
     loop {
         let mut batch = Vec::new();
         if waiting.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        for (queued, outcome) in commit(&backend, batch).await {
+        for (queued, outcome) in commit(&backend, &mut kept, batch).await {
             if let Ok(Applied::New(event)) = &outcome {
                 // Sent before the answer, by this one task: commit order is publishing order.
                 let _ = commits.send(event.clone()).await;
@@ -90,16 +92,20 @@ async fn run(
 /// Commits a batch; returns each change with its outcome. When the batch fails for a reason
 /// other than an unreachable database, each change is retried alone, so one change the
 /// database rejects cannot fail the others.
-async fn commit(backend: &Backend, batch: Vec<Queued>) -> Vec<(Queued, Outcome)> {
+async fn commit(
+    backend: &Backend,
+    kept: &mut Option<Connection>,
+    batch: Vec<Queued>,
+) -> Vec<(Queued, Outcome)> {
     tracing::debug!(size = batch.len(), "committing a batch");
     let ops: Vec<&Op> = batch.iter().map(|q| &q.op).collect();
-    match backend.apply(&ops).await {
+    match backend.apply(kept, &ops).await {
         Ok(outcomes) => batch.into_iter().zip(outcomes).collect(),
         Err(err) if batch.len() > 1 && !matches!(err, StoreError::Unavailable(_)) => {
             tracing::warn!(error = %err, size = batch.len(), "batch failed; retrying its changes one by one");
             let mut answered = Vec::with_capacity(batch.len());
             for queued in batch {
-                let outcome = match backend.apply(&[&queued.op]).await {
+                let outcome = match backend.apply(kept, &[&queued.op]).await {
                     Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| Err(writer_gone())),
                     Err(err) => Err(err),
                 };
@@ -114,12 +120,72 @@ async fn commit(backend: &Backend, batch: Vec<Queued>) -> Vec<(Queued, Outcome)>
     }
 }
 
-impl Backend {
+/// A writer's connection, kept from batch to batch: one taken from the pool per batch costs
+/// two more round trips, as sqlx pings a connection when it is taken and when it is given
+/// back (on PostgreSQL a third of the round trips of a batch of one).
+enum Connection {
+    Sqlite(PoolConnection<Sqlite>),
+    Postgres(PoolConnection<Postgres>),
+}
+
+/// Why a batch failed: before anything was sent (its BEGIN), or after.
+enum Failed {
+    Begin(StoreError),
+    Batch(StoreError),
+}
+
+impl Connection {
     /// Runs one batch in a fresh write transaction.
-    async fn apply(&self, batch: &[&Op]) -> Result<Vec<Outcome>, StoreError> {
+    async fn apply(&mut self, batch: &[&Op]) -> Result<Vec<Outcome>, Failed> {
+        let failed = |err: sqlx::Error| Failed::Begin(err.into());
         match self {
-            Self::Sqlite(db) => ledger::apply(db.begin_write().await?, batch).await,
-            Self::Postgres(db) => ledger::apply(db.begin().await?, batch).await,
+            Self::Sqlite(conn) => {
+                ledger::apply(sqlite::begin_write(conn).await.map_err(failed)?, batch).await
+            }
+            Self::Postgres(conn) => ledger::apply(conn.begin().await.map_err(failed)?, batch).await,
         }
+        .map_err(Failed::Batch)
+    }
+}
+
+impl Backend {
+    /// Runs one batch on the writer's `kept` connection, taking one first if there is none and
+    /// dropping it when the database was unreachable. A kept PostgreSQL connection may have
+    /// been closed by the server while idle (restart, failover, idle timeout): its BEGIN
+    /// fails and nothing was written, so the batch goes once more on a fresh connection,
+    /// which the pool tests before handing out.
+    async fn apply(
+        &self,
+        kept: &mut Option<Connection>,
+        batch: &[&Op],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut fresh = kept.is_none();
+        loop {
+            let conn = match kept {
+                Some(conn) => conn,
+                None => kept.insert(self.writer().await?),
+            };
+            let err = match conn.apply(batch).await {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(Failed::Begin(err)) if !fresh && matches!(self, Self::Postgres(_)) => {
+                    tracing::debug!(%err, "kept connection closed; taking a fresh one");
+                    *kept = None;
+                    fresh = true;
+                    continue;
+                }
+                Err(Failed::Begin(err) | Failed::Batch(err)) => err,
+            };
+            if matches!(err, StoreError::Unavailable(_)) {
+                *kept = None;
+            }
+            return Err(err);
+        }
+    }
+
+    async fn writer(&self) -> Result<Connection, StoreError> {
+        Ok(match self {
+            Self::Sqlite(db) => Connection::Sqlite(db.writer().await?),
+            Self::Postgres(db) => Connection::Postgres(db.writer().await?),
+        })
     }
 }

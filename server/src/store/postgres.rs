@@ -6,6 +6,7 @@ use std::{str::FromStr, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use sqlx::{
     PgPool, Postgres,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -59,8 +60,9 @@ impl Db {
         })
     }
 
-    pub(super) async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        self.outage.guard(self.pool.begin()).await
+    /// A connection for a writer task to keep (see `committer`).
+    pub(super) async fn writer(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        self.outage.guard(self.pool.acquire()).await
     }
 
     pub(super) async fn account(&self, user_id: &str) -> Result<Option<AccountRow>, StoreError> {

@@ -6,7 +6,8 @@ use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use sqlx::{
-    Sqlite, SqlitePool,
+    Connection, Sqlite, SqliteConnection, SqlitePool,
+    pool::PoolConnection,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
@@ -67,12 +68,9 @@ impl Db {
         Ok(Self { reader, writer })
     }
 
-    /// A write transaction that holds SQLite's write lock from its first statement, so two
-    /// processes on one file cannot deadlock upgrading read locks.
-    pub(super) async fn begin_write(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    /// The one writer connection, for the writer task to keep (see `committer`).
+    pub(super) async fn writer(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        Ok(self.writer.acquire().await?)
     }
 
     pub(super) async fn account(&self, user_id: &str) -> Result<Option<AccountRow>, StoreError> {
@@ -154,6 +152,14 @@ impl Db {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
+}
+
+/// A write transaction that holds SQLite's write lock from its first statement, so two
+/// processes on one file cannot deadlock upgrading read locks.
+pub(super) async fn begin_write(
+    conn: &mut SqliteConnection,
+) -> Result<sqlx::Transaction<'_, Sqlite>, sqlx::Error> {
+    conn.begin_with("BEGIN IMMEDIATE").await
 }
 
 impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
