@@ -16,6 +16,10 @@ readonly LOG=target/fanout-cluster
 readonly CLUSTER_URL="redis-cluster://127.0.0.1:$FIRST_PORT?node=127.0.0.1:$((FIRST_PORT + 1))&node=127.0.0.1:$((FIRST_PORT + 2))"
 readonly BUS_URL=${2:-$CLUSTER_URL}
 readonly SECRET=$(openssl rand -hex 32) SERVICE=$(openssl rand -hex 32)
+# The four instances share this machine's cores, so each gets one runtime worker per core of
+# its share (at least one), as a deployment packing instances onto one machine would set
+# them; alone on a machine an instance keeps tokio's default of one worker per core.
+readonly SERVER_THREADS=$(( $(nproc) / ${#PORTS[@]} > 1 ? $(nproc) / ${#PORTS[@]} : 1 ))
 mkdir -p "$LOG"
 
 psql_admin() { psql -h 127.0.0.1 -U postgres -d postgres -qAtc "$1" >/dev/null; }
@@ -33,7 +37,7 @@ psql_admin "CREATE DATABASE $DB"
 [[ $BUS_URL == "$CLUSTER_URL" ]] && scripts/redis-cluster.sh start "$PWD/$LOG/cluster" $FIRST_PORT
 
 for port in "${PORTS[@]}"; do
-  LEPTOS_SITE_ADDR=127.0.0.1:$port LEPTOS_SITE_ROOT=target/site \
+  TOKIO_WORKER_THREADS=$SERVER_THREADS LEPTOS_SITE_ADDR=127.0.0.1:$port LEPTOS_SITE_ROOT=target/site \
     DATABASE_URL=postgres://postgres@127.0.0.1/$DB REDIS_URL=$BUS_URL REDIS_CHANNEL_PREFIX=fanout \
     JWT_SECRET=$SECRET SUPABASE_SERVICE_ROLE_KEY=$SERVICE RUST_LOG=warn \
     target/release/server >"$LOG/server-$port.log" 2>&1 &
