@@ -150,7 +150,7 @@ impl Connection {
 
 impl Backend {
     /// Runs one batch on the writer's `kept` connection, taking one first if there is none and
-    /// dropping it when the database was unreachable. A kept PostgreSQL connection may have
+    /// giving it back when the batch failed. A kept PostgreSQL connection may have
     /// been closed by the server while idle (restart, failover, idle timeout): its BEGIN
     /// fails and nothing was written, so the batch goes once more on a fresh connection,
     /// which the pool tests before handing out.
@@ -175,9 +175,10 @@ impl Backend {
                 }
                 Err(Failed::Begin(err) | Failed::Batch(err)) => err,
             };
-            if matches!(err, StoreError::Unavailable(_)) {
-                *kept = None;
-            }
+            // The failed transaction's rollback is only queued on the connection; the pool
+            // sends it at once when the connection is given back (it tests each one returned),
+            // so the batch's locks are freed now, not at this writer's next batch.
+            *kept = None;
             return Err(err);
         }
     }

@@ -122,6 +122,10 @@ pub(super) trait LedgerTx: Send {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     fn commit(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Rolls back now. Dropping the transaction only queues its rollback on the connection,
+    /// and a writer keeps its connection, so the locks would stay until its next batch.
+    fn rollback(self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
 /// A locked account as the batch moves it.
@@ -323,7 +327,8 @@ pub(super) async fn apply(
         })
         .collect();
     if states.is_empty() {
-        // Nothing accepted: dropping `tx` rolls back the accounts the lock step created.
+        // Nothing accepted: undo the accounts the lock step created, and free the locks.
+        tx.rollback().await?;
         return Ok(outcomes);
     }
     states.sort_unstable_by_key(|state| state.user_id);

@@ -337,4 +337,8 @@ impl LedgerTx for sqlx::Transaction<'_, Postgres> {
     async fn commit(self) -> Result<(), sqlx::Error> {
         sqlx::Transaction::commit(self).await
     }
+
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        sqlx::Transaction::rollback(self).await
+    }
 }

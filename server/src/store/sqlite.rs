@@ -284,6 +284,10 @@ impl LedgerTx for sqlx::Transaction<'_, Sqlite> {
     async fn commit(self) -> Result<(), sqlx::Error> {
         sqlx::Transaction::commit(self).await
     }
+
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        sqlx::Transaction::rollback(self).await
+    }
 }
 
 /// What the append query reads from its one parameter.
