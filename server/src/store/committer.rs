@@ -128,7 +128,7 @@ enum Connection {
     Postgres(PoolConnection<Postgres>),
 }
 
-/// Why a batch failed: before anything was sent (its BEGIN), or after.
+/// Why a batch failed: before anything was sent (taking a connection or its BEGIN), or after.
 enum Failed {
     Begin(StoreError),
     Batch(StoreError),
@@ -149,8 +149,7 @@ impl Connection {
 }
 
 impl Backend {
-    /// Runs one batch on the writer's `kept` connection, taking one first if there is none and
-    /// giving it back when the batch failed. A kept PostgreSQL connection may have
+    /// Runs one batch on the writer's `kept` connection. A kept PostgreSQL connection may have
     /// been closed by the server while idle (restart, failover, idle timeout): its BEGIN
     /// fails and nothing was written, so the batch goes once more on a fresh connection,
     /// which the pool tests before handing out.
@@ -159,28 +158,35 @@ impl Backend {
         kept: &mut Option<Connection>,
         batch: &[&Op],
     ) -> Result<Vec<Outcome>, StoreError> {
-        let mut fresh = kept.is_none();
-        loop {
-            let conn = match kept {
-                Some(conn) => conn,
-                None => kept.insert(self.writer().await?),
-            };
-            let err = match conn.apply(batch).await {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(Failed::Begin(err)) if !fresh && matches!(self, Self::Postgres(_)) => {
-                    tracing::debug!(%err, "kept connection closed; taking a fresh one");
-                    *kept = None;
-                    fresh = true;
-                    continue;
-                }
-                Err(Failed::Begin(err) | Failed::Batch(err)) => err,
-            };
-            // The failed transaction's rollback is only queued on the connection; the pool
-            // sends it at once when the connection is given back (it tests each one returned),
-            // so the batch's locks are freed now, not at this writer's next batch.
+        let may_be_closed = kept.is_some() && matches!(self, Self::Postgres(_));
+        let outcome = match self.apply_on(kept, batch).await {
+            Err(Failed::Begin(err)) if may_be_closed => {
+                tracing::debug!(%err, "kept connection closed; taking a fresh one");
+                self.apply_on(kept, batch).await
+            }
+            outcome => outcome,
+        };
+        outcome.map_err(|(Failed::Begin(err) | Failed::Batch(err))| err)
+    }
+
+    /// Runs one batch on `kept`, taking a connection first if there is none and giving it
+    /// back when the batch failed: the failed transaction's rollback is only queued on the
+    /// connection, and the pool sends it at once (it tests each connection returned), so the
+    /// batch's locks are freed now, not at this writer's next batch.
+    async fn apply_on(
+        &self,
+        kept: &mut Option<Connection>,
+        batch: &[&Op],
+    ) -> Result<Vec<Outcome>, Failed> {
+        let conn = match kept {
+            Some(conn) => conn,
+            None => kept.insert(self.writer().await.map_err(Failed::Begin)?),
+        };
+        let outcome = conn.apply(batch).await;
+        if outcome.is_err() {
             *kept = None;
-            return Err(err);
         }
+        outcome
     }
 
     async fn writer(&self) -> Result<Connection, StoreError> {
